@@ -1,0 +1,54 @@
+"""The exception tree of oa-machine.
+
+    OAMachineError
+    ├── ConfigError          a setting is missing or invalid; the service stops at start
+    ├── StorageError         object storage failed (wraps botocore / OS errors)
+    │   └── NotFound         the key does not exist
+    ├── GitHubError          GitHub's API answered with an error or not at all
+    ├── MessageError         a broker message failed validation; it is dead-lettered
+    └── SourceError          a source file cannot be used (bad JSON, schema, missing entry)
+
+Errors from libraries are translated at the boundary (``raise StorageError(...) from exc``)
+so callers only ever catch these.
+"""
+
+from __future__ import annotations
+
+
+class OAMachineError(Exception):
+    """Base of every error raised on purpose by oa-machine."""
+
+
+class ConfigError(OAMachineError):
+    """A setting is missing or invalid."""
+
+
+class StorageError(OAMachineError):
+    """Object storage failed."""
+
+
+class NotFound(StorageError):
+    """The storage key does not exist."""
+
+
+class GitHubError(OAMachineError):
+    """GitHub's API answered with an error, or not at all."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class MessageError(OAMachineError):
+    """A broker message is not a valid message of the expected kind."""
+
+
+class SourceError(OAMachineError):
+    """A source file cannot be used: bad JSON, fails the schema, or has no such entry.
+
+    ``problem`` is one of the codes in :data:`shared.sources.SOURCE_PROBLEMS`.
+    """
+
+    def __init__(self, message: str, problem: str = "invalid_source") -> None:
+        super().__init__(message)
+        self.problem = problem

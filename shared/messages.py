@@ -1,0 +1,131 @@
+"""Wire models exchanged through RabbitMQ, and the names of exchanges, queues and routes.
+
+Every message is a pydantic model with a ``schema_version`` and a ``kind``; consumers validate
+with :data:`ANY_MESSAGE` (or a narrower adapter) where the handler starts, and a message that
+fails validation is dead-lettered with the reason (see :mod:`shared.broker`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+# Exchanges (all durable, direct) and the queues bound to them.
+EXCHANGE_TASKS = "tasks"
+EXCHANGE_DONE = "done"
+EXCHANGE_DUE = "due"
+EXCHANGE_DEAD = "dead"
+
+QUEUE_TASKS = "tasks"
+QUEUE_DONE = "done"
+QUEUE_DUE = "due"
+QUEUE_DEAD = "dead"
+
+# Routing keys. Heartbeats travel on the `done` exchange so that the dequeuer reads one queue
+# in order: a run's "started" heartbeat can never overtake its `done`.
+ROUTE_TASK = "task"
+ROUTE_DONE = "done"
+ROUTE_DUE = "due"
+ROUTE_HEARTBEAT = "heartbeat"
+ROUTE_DEAD = "dead"
+
+Layer = Literal["addresses", "parcels", "buildings", "centerlines"]
+RunStatus = Literal["success", "failure", "skipped"]
+
+#: Where a run failed; set where the failure happens, never guessed from log text.
+SourceProblem = Literal[
+    "skip_source",
+    "missing_conform",
+    "invalid_source",
+    "unknown_protocol",
+    "unknown_format",
+    "download_failed",
+    "no_esri_token",
+    "conform_failed",
+    "no_features",
+    "test_failed",
+    "timeout",
+    "out_of_memory",
+]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """Fields every message carries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    sent_at: datetime = Field(default_factory=utcnow)
+
+
+class Task(Message):
+    """Process one run: one layer entry of one source at one commit.
+
+    The source's JSON travels in the message so the worker needs neither GitHub nor the
+    database.
+    """
+
+    kind: Literal["task"] = "task"
+    run_id: int
+    job_id: int | None = None
+    set_id: int | None = None
+    attempt: int = Field(default=1, ge=1)
+    source_path: str
+    layer: Layer
+    entry_name: str
+    commit_sha: str | None = None
+    source: dict[str, Any]
+    #: Wall-clock limit for the run, from the source's `timeout` (hours) or the default.
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class Done(Message):
+    """A run is over, whatever the outcome. Sent exactly once per attempt by the worker."""
+
+    kind: Literal["done"] = "done"
+    run_id: int
+    attempt: int = Field(default=1, ge=1)
+    worker: str
+    status: RunStatus
+    source_problem: SourceProblem | None = None
+    error: str | None = None
+    #: Output name (``out.csv``, ``index.json``, ...) to storage key.
+    outputs: dict[str, str] = Field(default_factory=dict)
+    #: The run's ``index.json`` content.
+    state: dict[str, Any] = Field(default_factory=dict)
+    started_at: datetime | None = None
+    finished_at: datetime = Field(default_factory=utcnow)
+
+
+class Due(Message):
+    """A run's deadline has passed: settle it as timed out unless `done` came first."""
+
+    kind: Literal["due"] = "due"
+    run_id: int
+    attempt: int = Field(default=1, ge=1)
+    deadline_at: datetime
+
+
+class Heartbeat(Message):
+    """A worker is alive; ``run_id`` is the run it works on, if any."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    worker: str
+    hostname: str
+    pid: int
+    run_id: int | None = None
+    attempt: int | None = None
+    state: Literal["idle", "running", "stopping"] = "idle"
+
+
+AnyMessage = Annotated[Task | Done | Due | Heartbeat, Field(discriminator="kind")]
+ANY_MESSAGE: TypeAdapter[Task | Done | Due | Heartbeat] = TypeAdapter(AnyMessage)
