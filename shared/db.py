@@ -1,0 +1,159 @@
+"""PostgreSQL: database creation, versioned migrations and the connection pool (asyncpg).
+
+Migrations are the files ``shared/migrations/NNNN_name.sql``, applied in order of their number,
+each in its own transaction and recorded in ``schema_migrations``. :func:`migrate` holds a
+session-level advisory lock while it works, so every service can call it at start-up: when two
+processes start at once, the second waits for the first and then finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+#: Arbitrary constant shared by every process of oa-machine: "the migration lock".
+MIGRATION_LOCK_ID = 0x0A_0A_0001
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One migration file: ``version`` is its 4-digit number as text ("0001")."""
+
+    version: str
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    """Every migration bundled with the package, in the order they must be applied."""
+    folder = resources.files("shared").joinpath("migrations")
+    found: list[Migration] = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match is None:
+            continue
+        found.append(Migration(match.group(1), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda migration: migration.version)
+    versions = [migration.version for migration in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migrations share a number: {versions}")
+    return found
+
+
+def database_name(url: str) -> str:
+    """The database named in a ``postgresql://`` URL."""
+    name = unquote(urlsplit(url).path.lstrip("/"))
+    if not name:
+        raise ValueError(f"no database name in {url!r}")
+    return name
+
+
+def _maintenance_url(url: str) -> str:
+    # Same server, user and options; only the database changes to the always-present one.
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/postgres"))
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def ensure_database(url: str) -> None:
+    """Create the database named in ``url`` if it does not exist.
+
+    Connects to the ``postgres`` database of the same server. Safe when several processes race
+    to create it: losing the race (``DuplicateDatabaseError``) counts as success.
+    """
+    name = database_name(url)
+    try:
+        # Fast path: the database is usually there already and the user may not be allowed
+        # to connect to `postgres`.
+        conn = await asyncpg.connect(url)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return
+    conn = await asyncpg.connect(_maintenance_url(url))
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return
+        try:
+            await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+            log.info("db.created", database=name)
+        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+            # Another process created it between our check and our CREATE; the unique
+            # violation is what PostgreSQL raises when both CREATEs run at the same instant.
+            pass
+    finally:
+        await conn.close()
+
+
+async def migrate(url: str) -> list[str]:
+    """Create the database if needed and apply every pending migration.
+
+    Idempotent; returns the versions applied by this call (empty when up to date).
+    """
+    await ensure_database(url)
+    migrations = load_migrations()
+    applied_now: list[str] = []
+    conn = await asyncpg.connect(url)
+    try:
+        # A session-level lock (not a transaction-level one) because each migration commits
+        # on its own and the lock must cover all of them.
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await conn.execute(
+                """
+                CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version    text PRIMARY KEY,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )
+                """
+            )
+            rows = await conn.fetch("SELECT version FROM schema_migrations")
+            done = {row["version"] for row in rows}
+            for migration in migrations:
+                if migration.version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES ($1)", migration.version
+                    )
+                applied_now.append(migration.version)
+                log.info("db.migrated", version=migration.version, name=migration.name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    finally:
+        await conn.close()
+    return applied_now
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Without codecs asyncpg hands json/jsonb over as text; with them Python values go in and
+    # come out, and every service sees the same shapes.
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A connection pool on ``url``; its connections encode and decode json/jsonb as Python
+    values (``json.dumps`` / ``json.loads``), so pass dicts and lists directly."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=_init_connection
+    )
+    return pool
