@@ -124,6 +124,8 @@ class Heartbeat(Message):
     pid: int
     run_id: int | None = None
     attempt: int | None = None
+    #: When the run must be over (its time limit plus a grace period for upload).
+    deadline_at: datetime | None = None
     state: Literal["idle", "running", "stopping"] = "idle"
 
 

@@ -1,0 +1,4 @@
+from services.dequeuer.main import run
+from shared.runner import start
+
+start("dequeuer", run)

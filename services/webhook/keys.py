@@ -1,0 +1,19 @@
+"""Typed keys of the resources the webhook application holds."""
+
+from __future__ import annotations
+
+import asyncpg
+import jinja2
+from aiohttp import web
+
+from shared.broker import Broker
+from shared.config import Settings
+from shared.github import GitHub
+from shared.storage import Storage
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+BROKER = web.AppKey("broker", Broker)
+GITHUB = web.AppKey("github", GitHub)
+STORAGE = web.AppKey("storage", Storage)
+TEMPLATES = web.AppKey("templates", jinja2.Environment)

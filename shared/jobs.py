@@ -1,0 +1,172 @@
+"""Job lifecycle in SQL, shared by the services that open and settle jobs.
+
+A job is final once every one of its runs is; the first process to see that (guarded by
+``WHERE status IS NULL``) records the outcome and queues the commit status in the outbox, in
+the same transaction. :func:`send_statuses` delivers the outbox to GitHub in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+
+from shared.errors import GitHubError
+from shared.github import GitHub, StatusState
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+#: Longest wait between two tries of one status while GitHub keeps failing.
+_MAX_BACKOFF = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What settling a job decided."""
+
+    job_id: int
+    status: StatusState
+    description: str
+
+
+def job_url(public_base_url: str, job_id: int) -> str:
+    """The page of a job, used as the commit status's target URL."""
+    return f"{public_base_url.rstrip('/')}/jobs/{job_id}"
+
+
+async def queue_status(
+    conn: asyncpg.Connection,
+    *,
+    job_id: int | None,
+    repo: str,
+    sha: str,
+    state: StatusState,
+    description: str,
+    target_url: str | None,
+) -> None:
+    """Add a commit status to the outbox (call inside the transaction that causes it)."""
+    await conn.execute(
+        """
+        INSERT INTO statuses (job_id, repo, sha, state, description, target_url)
+        VALUES ($1, $2, $3, $4, $5, $6)
+        """,
+        job_id, repo, sha, state, description, target_url,
+    )
+
+
+async def settle_job(
+    conn: asyncpg.Connection, job_id: int, public_base_url: str
+) -> JobOutcome | None:
+    """Finish ``job_id`` if all its runs are final; None while runs are open or if already done.
+
+    Runs inside the caller's transaction. Two callers racing both read the counts, but only one
+    ``UPDATE ... WHERE status IS NULL`` succeeds, so the status is queued once.
+    """
+    counts = await conn.fetchrow(
+        """
+        SELECT count(*) FILTER (WHERE status IS NULL)        AS open,
+               count(*) FILTER (WHERE status = 'success')    AS succeeded,
+               count(*) FILTER (WHERE status = 'skipped')    AS skipped,
+               count(*) FILTER (WHERE status = 'failure')    AS failed,
+               count(*)                                      AS total
+        FROM runs WHERE job_id = $1
+        """,
+        job_id,
+    )
+    if counts is None or counts["open"] > 0:
+        return None
+    state: StatusState = "failure" if counts["failed"] else "success"
+    description = _describe(counts["succeeded"], counts["skipped"], counts["failed"])
+    job = await conn.fetchrow(
+        """
+        UPDATE jobs SET status = $2, finished_at = now()
+        WHERE id = $1 AND status IS NULL
+        RETURNING repo, sha
+        """,
+        job_id, state,
+    )
+    if job is None:
+        return None
+    await queue_status(
+        conn, job_id=job_id, repo=job["repo"], sha=job["sha"], state=state,
+        description=description, target_url=job_url(public_base_url, job_id),
+    )
+    log.info("job.finished", job_id=job_id, status=state, description=description)
+    return JobOutcome(job_id, state, description)
+
+
+def _describe(succeeded: int, skipped: int, failed: int) -> str:
+    parts = [f"{succeeded} succeeded"]
+    if skipped:
+        parts.append(f"{skipped} skipped")
+    if failed:
+        parts.append(f"{failed} failed")
+    return "Runs: " + ", ".join(parts)
+
+
+async def send_statuses(pool: asyncpg.Pool, github: GitHub, *, limit: int = 100) -> int:
+    """Post unsent statuses oldest first; returns how many were posted.
+
+    Statuses of one commit must arrive in order (``pending`` before ``success``), so the first
+    failure for a commit stops the others for that commit until the next call. A row is locked
+    while it is sent (``FOR UPDATE SKIP LOCKED``) so two senders never post it twice.
+    """
+    posted = 0
+    blocked: set[tuple[str, str]] = set()
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """
+            SELECT id, repo, sha FROM statuses
+            WHERE posted_at IS NULL AND next_try_at <= now()
+            ORDER BY id LIMIT $1
+            """,
+            limit,
+        )
+    for row in rows:
+        key = (row["repo"], row["sha"])
+        if key in blocked:
+            continue
+        async with pool.acquire() as conn, conn.transaction():
+            status = await conn.fetchrow(
+                "SELECT * FROM statuses WHERE id = $1 AND posted_at IS NULL FOR UPDATE SKIP LOCKED",
+                row["id"],
+            )
+            if status is None:
+                continue
+            earlier = await conn.fetchval(
+                "SELECT 1 FROM statuses WHERE repo = $1 AND sha = $2 AND id < $3"
+                " AND posted_at IS NULL",
+                status["repo"], status["sha"], status["id"],
+            )
+            if earlier:
+                blocked.add(key)
+                continue
+            try:
+                await github.create_status(
+                    status["repo"], status["sha"], status["state"],
+                    description=status["description"], target_url=status["target_url"],
+                    context=status["context"],
+                )
+            except GitHubError as exc:
+                blocked.add(key)
+                backoff = min(timedelta(seconds=5 * 2 ** status["attempts"]), _MAX_BACKOFF)
+                await conn.execute(
+                    """
+                    UPDATE statuses SET attempts = attempts + 1, last_error = $2,
+                           next_try_at = now() + $3::interval
+                    WHERE id = $1
+                    """,
+                    status["id"], str(exc)[:1000], backoff,
+                )
+                log.warning("status.failed", status_id=status["id"], error=str(exc))
+                continue
+            await conn.execute(
+                "UPDATE statuses SET posted_at = now(), attempts = attempts + 1 WHERE id = $1",
+                status["id"],
+            )
+            posted += 1
+            log.info("status.posted", repo=status["repo"], sha=status["sha"],
+                     state=status["state"], job_id=status["job_id"])
+    return posted
