@@ -1,0 +1,397 @@
+"""OpenAddresses source files: parse, upgrade v1 to v2, validate, and address layer entries.
+
+A source file is community-written JSON. The current shape (schema v2) is::
+
+    {"schema": 2, "coverage": {...}, "layers": {"addresses": [{"name": "county", ...}], ...}}
+
+Each item of a layer list is an *entry*: it holds everything one run needs (``data``,
+``protocol``, ``conform``, ``license``, ``skip``, ``timeout``...). A run is one
+(source, layer, entry name); :func:`list_entries` is how the webhook fans a source out into
+runs and :func:`get_entry` is how the worker finds the one it was given.
+
+Every failure is a :class:`shared.errors.SourceError` with problem ``invalid_source`` and a
+message that says where (file, line/column or JSON path), because that message ends up in
+front of the contributor who wrote the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import PurePosixPath
+from typing import Any, get_args
+
+from jsonschema import Draft7Validator
+from jsonschema.exceptions import ValidationError, best_match
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT7
+
+from shared.errors import SourceError
+from shared.messages import SourceProblem
+
+__all__ = [
+    "LAYERS",
+    "SOURCE_PROBLEMS",
+    "EntryRef",
+    "attribution",
+    "entry_timeout_s",
+    "get_entry",
+    "is_skipped",
+    "list_entries",
+    "load_source",
+    "parse_source",
+    "source_name",
+    "upgrade_source",
+    "validate_source",
+]
+
+#: Every code a run may fail with; see :data:`shared.messages.SourceProblem`.
+SOURCE_PROBLEMS: frozenset[str] = frozenset(get_args(SourceProblem))
+
+#: The layers a v2 source may have, in the order the project lists them.
+LAYERS: tuple[str, ...] = ("addresses", "parcels", "buildings", "centerlines")
+
+#: Entry name given to the single entry of an upgraded v1 source, and to entries without one.
+DEFAULT_ENTRY_NAME = "default"
+
+# The bundled schema's files carry no absolute `$id`, only relative `$ref`s
+# (`./util/coverage.json`). Registering each file under one made-up base lets those refs resolve
+# from the package; the host is reserved (.invalid) so nothing could ever fetch it.
+_SCHEMA_BASE_URI = "https://schema.openaddresses.invalid/"
+_ROOT_SCHEMA = "source_schema_v2.json"
+
+# Top-level keys that stay on a v2 source when a v1 source is upgraded. v1 only had
+# `coverage`; the others are v2-only but harmless to keep if a half-migrated file has them.
+_V2_SOURCE_KEYS = frozenset({"coverage", "runner", "official_website", "official_phone"})
+
+# A JSON-Schema error message repeats the offending value, which for a `oneOf` over a conform
+# function can be the whole object; keep messages readable in a GitHub status.
+_MAX_MESSAGE_CHARS = 500
+
+
+@dataclass(frozen=True)
+class EntryRef:
+    """One layer entry of a source: what a run processes.
+
+    ``index`` is the entry's position in its layer list, kept so that messages can point at
+    ``layers.<layer>[<index>]`` in the file.
+    """
+
+    layer: str
+    name: str
+    index: int
+
+
+def parse_source(data: bytes | str, *, path: str = "<source>") -> dict[str, Any]:
+    """Parse a source file's text into a dict.
+
+    Raises :class:`SourceError` if the text is not UTF-8, not JSON (the message gives line and
+    column), or not a JSON object.
+    """
+    if isinstance(data, bytes):
+        try:
+            # utf-8-sig: editors on Windows sometimes save a BOM, which json.loads rejects.
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise SourceError(
+                f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})", "invalid_source"
+            ) from exc
+    else:
+        text = data
+    try:
+        parsed = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise SourceError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+            "invalid_source",
+        ) from exc
+    except ValueError as exc:  # from _reject_constant
+        raise SourceError(f"{path}: invalid JSON: {exc}", "invalid_source") from exc
+    if not isinstance(parsed, dict):
+        raise SourceError(
+            f"{path}: a source must be a JSON object, not {_json_type(parsed)}", "invalid_source"
+        )
+    return parsed
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which are not JSON and which no other tool
+    # reading the sources repository would accept.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def upgrade_source(source: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``source`` in schema v2 shape; the input is never modified.
+
+    A v2 source (``"layers"`` present, or ``"schema": 2``) comes back as a deep copy. A legacy
+    layerless v1 source becomes a v2 source with one ``addresses`` entry named ``default``:
+
+    * ``coverage`` stays at the top level, ``"schema": 2`` is set;
+    * every other v1 key (``data``, ``protocol``, ``compression``, ``conform``, ``license``,
+      ``attribution``, ``website``, ``email``, ``contact``, ``note``, ``language``, ``year``,
+      ``skip``, ``test``) moves into the entry, since v2 keeps them per entry;
+    * the old spellings ``type`` (for ``protocol``) and ``conform.type`` (for
+      ``conform.format``) are renamed when the new spelling is absent.
+
+    Unknown keys also move into the entry rather than being dropped, so that
+    :func:`validate_source` reports them instead of the data silently disappearing.
+    """
+    if not _is_v1(source):
+        return copy.deepcopy(dict(source))
+
+    upgraded: dict[str, Any] = {}
+    entry: dict[str, Any] = {"name": DEFAULT_ENTRY_NAME}
+    for key, value in source.items():
+        if key == "schema":
+            continue  # a v1 file may say "schema": 1; the result is 2 whatever it said
+        if key in _V2_SOURCE_KEYS:
+            upgraded[key] = copy.deepcopy(value)
+        elif key == "type" and "protocol" not in source:
+            entry["protocol"] = value
+        elif key == "conform" and isinstance(value, Mapping):
+            entry["conform"] = _upgrade_conform(value)
+        else:
+            entry[key] = copy.deepcopy(value)
+    upgraded["schema"] = 2
+    upgraded["layers"] = {"addresses": [entry]}
+    return upgraded
+
+
+def _is_v1(source: Mapping[str, Any]) -> bool:
+    return "layers" not in source and source.get("schema") != 2
+
+
+def _upgrade_conform(conform: Mapping[str, Any]) -> dict[str, Any]:
+    upgraded: dict[str, Any] = {}
+    for key, value in conform.items():
+        if key == "type" and "format" not in conform:
+            upgraded["format"] = value
+        else:
+            upgraded[key] = copy.deepcopy(value)
+    return upgraded
+
+
+def validate_source(source: Mapping[str, Any], *, path: str = "<source>") -> None:
+    """Check a v2 source against the bundled OpenAddresses JSON Schema (draft-07).
+
+    Raises :class:`SourceError` naming the JSON path of the most relevant error, e.g.
+    ``us/ks/lane.json: layers.addresses[0].conform.format: 'csvx' is not one of [...]``.
+    Formats (``uri``, ``email``) are not checked, as upstream's own validation does not
+    reject sources for them.
+    """
+    error = best_match(_validator().iter_errors(source))
+    if error is not None:
+        raise SourceError(f"{path}: {_describe(error)}", "invalid_source")
+    # The schema only says `schema` is a number; everything downstream assumes v2.
+    if source.get("schema") != 2:
+        raise SourceError(
+            f"{path}: schema: {source.get('schema')!r} is not a supported schema version (2)",
+            "invalid_source",
+        )
+
+
+def _describe(error: ValidationError) -> str:
+    where = _json_path(error.absolute_path) or "(top level)"
+    message = error.message
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[: _MAX_MESSAGE_CHARS - 1] + "…"
+    return f"{where}: {message}"
+
+
+def _json_path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@functools.cache
+def _validator() -> Draft7Validator:
+    # Compiled once per process: building the registry reads ~40 files.
+    root = files("shared") / "schema"
+    registry: Registry[Any] = Registry()
+    for relpath, node in _schema_files(root, ""):
+        contents = json.loads(node.read_text(encoding="utf-8"))
+        resource = Resource.from_contents(contents, default_specification=DRAFT7)
+        registry = registry.with_resource(_SCHEMA_BASE_URI + relpath, resource)
+    # crawl() also indexes resources by their own `$id` (util/geojson.json says "geojson"),
+    # which its internal `#/definitions/...` refs resolve against.
+    registry = registry.crawl()
+    Draft7Validator.check_schema(registry.contents(_SCHEMA_BASE_URI + _ROOT_SCHEMA))
+    # The root schema has no `$id` of its own; entering it through an absolute `$ref` gives
+    # its relative refs the base URI they need.
+    return Draft7Validator({"$ref": _SCHEMA_BASE_URI + _ROOT_SCHEMA}, registry=registry)
+
+
+def _schema_files(node: Traversable, prefix: str) -> Iterator[tuple[str, Traversable]]:
+    for child in node.iterdir():
+        relpath = prefix + child.name
+        if child.is_dir():
+            # retired/ is the draft-04 v1 schema, kept for reference; it refs the network.
+            if child.name != "retired":
+                yield from _schema_files(child, relpath + "/")
+        elif child.name.endswith(".json"):
+            yield relpath, child
+
+
+def load_source(data: bytes | str, *, path: str = "<source>") -> dict[str, Any]:
+    """Parse, upgrade to v2 and validate a source file: what callers normally want."""
+    source = upgrade_source(parse_source(data, path=path))
+    validate_source(source, path=path)
+    return source
+
+
+def list_entries(source: Mapping[str, Any]) -> list[EntryRef]:
+    """Every layer entry of a v2 source, layers and entries in file order.
+
+    An entry without a name (the schema requires one, but callers may pass unvalidated
+    sources) is called ``default``. Two entries with the same name in one layer, an unknown
+    layer or an entry that is not an object raise :class:`SourceError`, since runs are
+    addressed by (layer, name) and must not be ambiguous.
+    """
+    layers = source.get("layers")
+    if layers is None:
+        return []
+    if not isinstance(layers, Mapping):
+        raise SourceError(f"layers: must be an object, not {_json_type(layers)}")
+    refs: list[EntryRef] = []
+    for layer, entries in layers.items():
+        if layer not in LAYERS:
+            raise SourceError(f"layers: unknown layer '{layer}' (expected one of {LAYERS})")
+        if not isinstance(entries, list):
+            raise SourceError(f"layers.{layer}: must be an array, not {_json_type(entries)}")
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                raise SourceError(
+                    f"layers.{layer}[{index}]: an entry must be an object, not {_json_type(entry)}"
+                )
+            name = _entry_name(entry)
+            if name in seen:
+                raise SourceError(
+                    f"layers.{layer}[{index}]: duplicate entry name '{name}' "
+                    f"(also layers.{layer}[{seen[name]}])"
+                )
+            seen[name] = index
+            refs.append(EntryRef(layer=layer, name=name, index=index))
+    return refs
+
+
+def _entry_name(entry: Mapping[str, Any]) -> str:
+    name = entry.get("name")
+    if isinstance(name, str) and name.strip():
+        return name
+    return DEFAULT_ENTRY_NAME
+
+
+def get_entry(source: Mapping[str, Any], layer: str, name: str) -> dict[str, Any]:
+    """A deep copy of the entry ``name`` of ``layer``, with its ``name`` filled in.
+
+    Nothing is merged in from the source level: in schema v2 an entry is self-contained
+    (``license``, ``website``, ``timeout``, ``skip``... are entry fields, and the source level
+    only holds ``coverage``, ``runner`` and ``official_*``). Functions that need both, such as
+    :func:`attribution`, take the source too.
+    """
+    for ref in list_entries(source):
+        if ref.layer == layer and ref.name == name:
+            entry = copy.deepcopy(dict(source["layers"][layer][ref.index]))
+            entry["name"] = ref.name
+            return entry
+    raise SourceError(f"source has no entry '{name}' in layer '{layer}'", "invalid_source")
+
+
+def entry_timeout_s(entry: Mapping[str, Any], default_s: float) -> float:
+    """The wall-clock limit of a run of ``entry``, in seconds.
+
+    ``timeout`` is an entry field counted in whole hours (``util/timeout.json``); without it
+    the caller's default applies (the schema's own default is 6 hours).
+    """
+    hours = entry.get("timeout")
+    if hours is None:
+        return float(default_s)
+    # bool is an int in Python but not an integer in JSON Schema.
+    if isinstance(hours, bool) or not isinstance(hours, int | float) or hours <= 0:
+        raise SourceError(f"timeout: {hours!r} is not a positive number of hours")
+    return float(hours) * 3600.0
+
+
+def is_skipped(entry: Mapping[str, Any]) -> bool:
+    """Whether the entry says ``"skip": true`` (its runs end as skipped, not failed)."""
+    return entry.get("skip") is True
+
+
+def attribution(source: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Licence and attribution of an entry, normalised for ``index.json``.
+
+    Returns ``license_text``, ``license_url``, ``attribution_required``, ``attribution_name``,
+    ``share_alike`` and ``website``; a value the file does not give is ``None`` (unknown), never
+    a guess of ``False``. ``license`` may be a string (a URL or a licence name) or an object
+    (``util/license.json``). ``attribution_required`` is taken as true when the file names
+    someone to credit without saying, since naming them only makes sense if credit is due.
+    ``website`` falls back to the source's ``official_website``.
+    """
+    license_value = entry.get("license")
+    license_obj: Mapping[str, Any]
+    if isinstance(license_value, str):
+        text = license_value.strip()
+        is_url = text.startswith(("http://", "https://"))
+        license_obj = {"url": text} if is_url else {"text": text}
+    elif isinstance(license_value, Mapping):
+        license_obj = license_value
+    else:
+        license_obj = {}
+
+    name = _text(license_obj.get("attribution name")) or _text(entry.get("attribution"))
+    required = license_obj.get("attribution")
+    if not isinstance(required, bool):
+        required = True if name else None
+    share_alike = license_obj.get("share-alike")
+    return {
+        "license_text": _text(license_obj.get("text")),
+        "license_url": _text(license_obj.get("url")),
+        "attribution_required": required,
+        "attribution_name": name,
+        "share_alike": share_alike if isinstance(share_alike, bool) else None,
+        "website": _text(entry.get("website")) or _text(source.get("official_website")),
+    }
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def source_name(path: str) -> str:
+    """The source's name from its repository path: ``sources/us/ks/lane_county.json`` →
+    ``us/ks/lane_county``. A path without the ``sources/`` folder is taken as already
+    relative to it."""
+    parts = PurePosixPath(path.replace("\\", "/").lstrip("/")).parts
+    if parts and parts[0] == "sources":
+        parts = parts[1:]
+    if not parts:
+        raise SourceError(f"{path!r} is not a source path")
+    name = "/".join(parts)
+    return name.removesuffix(".json")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
