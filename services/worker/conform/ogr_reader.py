@@ -1,0 +1,223 @@
+"""Stream any OGR-readable file (shapefile, GeoJSON, GeoJSON lines, FileGDB, GPKG, GML) as raw
+Arrow batches through ``pyogrio.raw.open_arrow``.
+
+Typed OGR values become text the way the reference Machine wrote them (Python ``str`` of what
+OGR returned): integers ``"12"``, reals ``"12.0"`` / ``"12.5"`` (cleaning strips a trailing
+``.0`` later), booleans ``"1"`` / ``"0"``. Where the reference printed OGR's own
+``YYYY/MM/DD`` dates we write ISO 8601 (``2024-01-31``, ``2024-01-31T10:00:00``), and list
+fields become JSON arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyogrio
+import pyogrio.errors
+import pyproj
+import structlog
+from pyogrio.raw import open_arrow
+
+from services.worker.errors import RunError
+
+log = structlog.get_logger(__name__)
+
+GEOMETRY_COLUMN = "__geometry__"
+
+#: Formats stored as shapefiles: the only OGR driver where a conform ``encoding`` means
+#: something (the others are UTF-8 or declare their encoding), and the only one where
+#: pyogrio accepts an encoding together with Arrow.
+_SHAPEFILE_FORMATS = frozenset({"shapefile", "shapefile-polygon"})
+
+#: ``str(float)`` switches to exponent notation from 1e16; below it an integral float is
+#: printed as its integer followed by ``.0``, which Arrow can build without a Python loop.
+_PLAIN_FLOAT_LIMIT = 1e16
+
+_OGR_ERRORS: tuple[type[Exception], ...] = (
+    pyogrio.errors.DataSourceError,
+    pyogrio.errors.DataLayerError,
+    pyogrio.errors.FieldError,
+    pyogrio.errors.GeometryError,
+    pyogrio.errors.CRSError,
+    pa.ArrowException,
+    OSError,
+    ValueError,
+)
+
+
+def _layer_arg(conform: Mapping[str, Any]) -> int | str | None:
+    layer = conform.get("layer")
+    if layer is None or isinstance(layer, int):
+        return layer
+    text = str(layer)
+    # Source JSON sometimes writes an index as a string ("0").
+    return int(text) if text.isdigit() else text
+
+
+def _layer_names(path: Path) -> list[str]:
+    try:
+        return [str(name) for name in pyogrio.list_layers(str(path))[:, 0]]
+    except _OGR_ERRORS:
+        return []
+
+
+def _parse_crs(text: str | None, path: Path) -> pyproj.CRS | None:
+    if not text:
+        return None
+    try:
+        return pyproj.CRS.from_user_input(text)
+    except pyproj.exceptions.CRSError:
+        log.warning("ogr.crs_unreadable", file=path.name, crs=text[:200])
+        return None
+
+
+class OgrReader:
+    """One layer of an OGR data source, opened for streaming."""
+
+    def __init__(self, path: Path, conform: Mapping[str, Any], *, batch_rows: int) -> None:
+        self.path = path
+        self._stack = contextlib.ExitStack()
+        layer = _layer_arg(conform)
+        encoding = conform.get("encoding") if conform.get("format") in _SHAPEFILE_FORMATS else None
+        try:
+            with warnings.catch_warnings():
+                # pyogrio warns when a multi-layer file is opened without a layer; layer 0 is
+                # what the reference used too.
+                warnings.simplefilter("ignore", UserWarning)
+                meta, stream = self._stack.enter_context(
+                    open_arrow(
+                        str(path),
+                        layer=layer,
+                        encoding=encoding or None,
+                        batch_size=batch_rows,
+                        use_pyarrow=True,
+                        datetime_as_string=True,
+                    )
+                )
+        except _OGR_ERRORS as exc:
+            self._stack.close()
+            raise self._open_error(layer, exc) from exc
+        self._stream: pa.RecordBatchReader = stream
+        self.fields: list[str] = [str(name) for name in meta["fields"]]
+        self.crs: pyproj.CRS | None = _parse_crs(meta.get("crs"), path)
+        self.geometry_type: str | None = meta.get("geometry_type")
+        self._schema = pa.schema(
+            [pa.field(name, pa.string()) for name in self.fields]
+            + [pa.field(GEOMETRY_COLUMN, pa.binary())]
+        )
+
+    def _open_error(self, layer: int | str | None, exc: Exception) -> RunError:
+        message = f"cannot open {self.path.name}"
+        if layer is not None:
+            message += f" layer {layer!r} (layers: {', '.join(_layer_names(self.path)) or 'none'})"
+        return RunError(f"{message}: {exc}", "conform_failed")
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Yield batches of strings plus ``__geometry__`` WKB, in file order."""
+        features_read = 0
+        while True:
+            try:
+                batch = self._stream.read_next_batch()
+            except StopIteration:
+                return
+            except _OGR_ERRORS as exc:
+                raise RunError(
+                    f"cannot read {self.path.name} after feature {features_read}: {exc}",
+                    "conform_failed",
+                ) from exc
+            features_read += batch.num_rows
+            yield self._raw_batch(batch)
+
+    def _raw_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        # Fields come first and in layer order; whatever column is left is the geometry
+        # (its name depends on the driver: wkb_geometry, geom, SHAPE, ...).
+        columns = [to_strings(batch.column(i)) for i in range(len(self.fields))]
+        if batch.num_columns > len(self.fields):
+            geometry = _as_binary(batch.column(len(self.fields)))
+        else:
+            geometry = pa.nulls(batch.num_rows, pa.binary())
+        return pa.RecordBatch.from_arrays([*columns, geometry], schema=self._schema)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _as_binary(column: pa.Array) -> pa.Array:
+    if isinstance(column, pa.ExtensionArray):
+        column = column.storage
+    return column if column.type == pa.binary() else column.cast(pa.binary())
+
+
+def to_strings(column: pa.Array) -> pa.Array:
+    """One OGR field's values as text (see the module docstring), nulls kept."""
+    kind = column.type
+    if pa.types.is_string(kind):
+        return column
+    if pa.types.is_boolean(kind):
+        return pc.if_else(column, "1", "0")
+    if pa.types.is_floating(kind):
+        return _floats_to_strings(column)
+    if pa.types.is_timestamp(kind):
+        return pc.strftime(column, format="%Y-%m-%dT%H:%M:%S")
+    if (
+        pa.types.is_integer(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_date(kind)
+        or pa.types.is_time(kind)
+        or pa.types.is_null(kind)
+    ):
+        return column.cast(pa.string())
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return pa.array([None if v is None else v.hex() for v in column.to_pylist()], pa.string())
+    # Lists and anything rarer: JSON text keeps the structure readable.
+    return pa.array(
+        [
+            None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+            for v in column.to_pylist()
+        ],
+        pa.string(),
+    )
+
+
+def _floats_to_strings(column: pa.Array) -> pa.Array:
+    """Reals as Python's ``str(float)`` prints them: ``12.0``, ``12.5``, ``1e+16``."""
+    values = column.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    integral = np.isfinite(values) & (np.abs(values) < _PLAIN_FLOAT_LIMIT)
+    integral[integral] = np.floor(values[integral]) == values[integral]
+    whole = pa.array(np.where(integral, values, 0).astype(np.int64)).cast(pa.string())
+    text = pc.binary_join_element_wise(whole, ".0", "")
+    others = np.flatnonzero(~integral & valid)
+    if others.size:
+        if pa.types.is_float32(column.type):
+            # A float32 printed through float64 grows noise digits (12.300000190734863);
+            # Arrow prints the shortest text that reads back as the same float32.
+            rest = column.take(pa.array(others)).cast(pa.string()).to_pylist()
+        else:
+            rest = [str(v) for v in values[others].tolist()]
+        merged = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+        merged[others] = rest
+        text = pa.array(merged, pa.string())
+    if column.null_count:
+        text = pc.if_else(column.is_valid(), text, pa.scalar(None, pa.string()))
+    return text
