@@ -51,8 +51,14 @@ class Dequeuer:
 
     async def run(self) -> None:
         """Consume both queues and tick until cancelled."""
-        await self.broker.consume(QUEUE_DONE, self.on_message, accept=(Done, Heartbeat))
-        await self.broker.consume(QUEUE_DUE, self.on_message, accept=(Due,))
+        async with asyncio.TaskGroup() as group:
+            group.create_task(
+                self.broker.consume(QUEUE_DONE, self.on_message, accept=(Done, Heartbeat))
+            )
+            group.create_task(self.broker.consume(QUEUE_DUE, self.on_message, accept=(Due,)))
+            group.create_task(self._chores())
+
+    async def _chores(self) -> None:
         log.info("dequeuer.started")
         while True:
             try:

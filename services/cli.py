@@ -1,0 +1,59 @@
+"""The `oa-machine` command: start a service, all of them, migrate, or process one source.
+
+A launcher, not a service: it imports a service's entry point only when asked for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+
+from shared.config import Settings
+from shared.runner import run_service, start
+
+SERVICES = ("webhook", "worker", "dequeuer", "scheduler")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="oa-machine", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SERVICES:
+        commands.add_parser(name, help=f"run the {name} service")
+    commands.add_parser("up", help="run every service (demo mode without GITHUB_TOKEN)")
+    commands.add_parser("migrate", help="create the database if needed and apply migrations")
+    one = commands.add_parser("process-one", help="process one source entry into a folder")
+    one.add_argument("source", help="path of the source JSON file")
+    one.add_argument("outdir", help="folder for the outputs")
+    one.add_argument("--layer", default="addresses")
+    one.add_argument("--name", default=None, help="entry name (default: the layer's first)")
+    args = parser.parse_args(argv)
+
+    if args.command in SERVICES:
+        module = importlib.import_module(f"services.{args.command}.main")
+        start(args.command, module.run)
+    elif args.command == "up":
+        from services.up import up
+
+        start("up", lambda settings: run_service(up(settings)))
+    elif args.command == "migrate":
+        start("migrate", _migrate)
+    else:
+        from services.worker.process_one import process_one
+
+        code = 1
+
+        def run(settings: Settings) -> None:
+            nonlocal code
+            code = process_one(settings, args.source, args.outdir, args.layer, args.name)
+
+        start("process-one", run)
+        sys.exit(code)
+
+
+def _migrate(settings: Settings) -> None:
+    from shared.db import migrate
+
+    applied = asyncio.run(migrate(settings.database_url))
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")

@@ -1,0 +1,90 @@
+"""A small stand-in for the two GitHub REST endpoints oa-machine uses.
+
+It serves file contents the way GitHub's contents API does (base64 JSON, 404 for unknown files)
+and records every commit status posted to it. `oa-machine up` uses it in demo mode, and the
+end-to-end tests use it as GitHub. It is a real HTTP server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class PostedStatus:
+    repo: str
+    sha: str
+    state: str
+    description: str
+    target_url: str | None
+    context: str
+
+
+@dataclass
+class GitHubStandIn:
+    """Files keyed by (repo, path, ref); ``fail_contents`` makes contents calls answer 500."""
+
+    files: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
+    statuses: list[PostedStatus] = field(default_factory=list)
+    fail_contents: bool = False
+    fail_statuses: int = 0
+    _runner: web.AppRunner | None = None
+    url: str = ""
+
+    def add_file(self, repo: str, path: str, ref: str, content: bytes) -> None:
+        self.files[(repo, path, ref)] = content
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start serving; returns the base URL to use as ``GITHUB_API_URL``."""
+        app = web.Application()
+        app.router.add_get("/repos/{owner}/{name}/contents/{path:.+}", self._contents)
+        app.router.add_post("/repos/{owner}/{name}/statuses/{sha}", self._status)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        bound_port = sockets[0].getsockname()[1]
+        self.url = f"http://{host}:{bound_port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def states(self, sha: str | None = None) -> list[str]:
+        """The states posted so far, in order, optionally for one commit."""
+        return [s.state for s in self.statuses if sha is None or s.sha == sha]
+
+    async def _contents(self, request: web.Request) -> web.Response:
+        if self.fail_contents:
+            return web.json_response({"message": "Server Error"}, status=500)
+        repo = f"{request.match_info['owner']}/{request.match_info['name']}"
+        path = request.match_info["path"]
+        ref = request.query.get("ref", "")
+        content = self.files.get((repo, path, ref))
+        if content is None:
+            return web.json_response({"message": "Not Found"}, status=404)
+        return web.json_response({
+            "type": "file", "encoding": "base64", "path": path, "name": path.rsplit("/", 1)[-1],
+            "size": len(content), "content": base64.encodebytes(content).decode(),
+        })
+
+    async def _status(self, request: web.Request) -> web.Response:
+        if self.fail_statuses > 0:
+            self.fail_statuses -= 1
+            return web.json_response({"message": "Service Unavailable"}, status=503)
+        body: dict[str, Any] = await request.json()
+        repo = f"{request.match_info['owner']}/{request.match_info['name']}"
+        if body.get("state") not in {"pending", "success", "failure", "error"}:
+            return web.json_response({"message": "Validation Failed"}, status=422)
+        self.statuses.append(PostedStatus(
+            repo=repo, sha=request.match_info["sha"], state=body["state"],
+            description=body.get("description", ""), target_url=body.get("target_url"),
+            context=body.get("context", "default"),
+        ))
+        return web.json_response({"id": len(self.statuses), "state": body["state"]}, status=201)

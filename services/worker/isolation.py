@@ -1,0 +1,151 @@
+"""Running one layer entry in a child process with a wall-clock and a memory limit.
+
+The child (``python -m services.worker.child``) does all the work and writes ``index.json``
+into the output folder. Whatever happens to it — a time limit, an address-space limit, a
+segfault in a C library, a catastrophic regular expression — the parent survives and turns it
+into a failed :class:`~services.worker.state.RunState` with the reason, keeping the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.messages import SourceProblem
+from services.worker.state import RunState
+from services.worker.version import CODE_VERSION
+
+INDEX = "index.json"
+LOG = "output.txt"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything the child needs; written as JSON next to the outputs."""
+
+    source: dict[str, Any]
+    source_path: str
+    layer: str
+    entry_name: str
+    outdir: str
+    workdir: str
+    allow_files: bool = False
+    allow_private: bool = False
+    max_unpacked_bytes: int = 20 * 1024**3
+    #: From the latest successful run of this entry, for conditional GET and reuse.
+    previous: dict[str, Any] | None = None
+    progress: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout_s: float
+    memory_bytes: int
+
+
+async def run_isolated(request: RunRequest, limits: Limits) -> RunState:
+    """Run ``request`` in a child process and return its state, whatever happened to it."""
+    outdir = Path(request.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    Path(request.workdir).mkdir(parents=True, exist_ok=True)
+    request_path = Path(request.workdir) / "request.json"
+    request_path.write_text(_dumps(asdict(request)))
+    started = time.monotonic()
+    stderr_path = outdir / "child-stderr.txt"
+    with stderr_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.worker.child", str(request_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stderr,
+            # Progress bars go to the terminal of `process-one`; logs go to output.txt.
+            stderr=None if request.progress else stderr,
+            start_new_session=True,
+            preexec_fn=_limit_memory(limits.memory_bytes),
+        )
+        problem: SourceProblem | None = None
+        error: str | None = None
+        try:
+            await asyncio.wait_for(process.wait(), limits.timeout_s)
+        except TimeoutError:
+            _kill_group(process.pid)
+            await process.wait()
+            problem = "timeout"
+            error = f"the run passed its time limit of {limits.timeout_s:g} s and was stopped"
+        except asyncio.CancelledError:
+            _kill_group(process.pid)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(process.wait())
+            raise
+    _append_child_output(outdir / LOG, stderr_path)
+    elapsed = time.monotonic() - started
+    index = outdir / INDEX
+    if problem is None and process.returncode == 0 and index.exists():
+        return RunState.read(index)
+    if problem is None:
+        problem, error = _explain_exit(process.returncode, outdir / LOG, limits)
+    state = RunState(
+        source=request.source_path, layer=request.layer, name=request.entry_name,
+        source_problem=problem, error=error, code_version=CODE_VERSION,
+        process_time=round(elapsed, 3), output=LOG if (outdir / LOG).exists() else None,
+    )
+    state.write(index)
+    return state
+
+
+def _limit_memory(memory_bytes: int) -> Any:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+
+    return apply
+
+
+def _kill_group(pid: int) -> None:
+    # The child may have started its own children (none today, but GDAL drivers could).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _explain_exit(
+    returncode: int | None, log_path: Path, limits: Limits
+) -> tuple[SourceProblem, str]:
+    tail = _tail(log_path)
+    if "MemoryError" in tail or "bad_alloc" in tail or "Cannot allocate memory" in tail:
+        return "out_of_memory", (
+            f"the run needed more than its memory limit of {limits.memory_bytes // 2**20} MiB"
+        )
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name
+        return "conform_failed", f"the run's process was killed by {name}; see output.txt"
+    return "conform_failed", f"the run's process exited with status {returncode}; see output.txt"
+
+
+def _tail(path: Path, size: int = 4096) -> str:
+    if not path.exists():
+        return ""
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - size))
+        return handle.read().decode("utf-8", "replace")
+
+
+def _append_child_output(log_path: Path, stderr_path: Path) -> None:
+    """Tracebacks and C-library messages the child printed go to the end of the run's log."""
+    data = stderr_path.read_bytes() if stderr_path.exists() else b""
+    if data.strip():
+        with log_path.open("ab") as log:
+            log.write(b"\n--- process output ---\n" + data)
+    stderr_path.unlink(missing_ok=True)
+
+
+def _dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value, default=str)

@@ -1,0 +1,58 @@
+"""`oa-machine process-one SOURCE.json OUTDIR`: one layer entry, no broker, no database.
+
+It runs exactly the worker's code (the same isolated child), but may read local files and
+private addresses, since the person running it owns the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+from shared.config import Settings
+from shared.errors import SourceError
+from shared.sources import entry_timeout_s, get_entry, list_entries, load_source
+from services.worker.isolation import INDEX, Limits, RunRequest, run_isolated
+
+
+def source_path_of(path: Path) -> str:
+    """``.../sources/us/ks/lane_county.json`` → ``us/ks/lane_county``; else the file's stem."""
+    parts = path.resolve().with_suffix("").parts
+    if "sources" in parts:
+        index = len(parts) - 1 - parts[::-1].index("sources")
+        return "/".join(parts[index + 1:])
+    return path.stem
+
+
+def process_one(
+    settings: Settings, source_file: str, outdir: str, layer: str, name: str | None
+) -> int:
+    """Process one entry; print the path of index.json; 0 on success or skip, 1 on failure."""
+    path = Path(source_file)
+    try:
+        source = load_source(path.read_bytes(), path=str(path))
+        refs = [ref for ref in list_entries(source) if ref.layer == layer]
+        if not refs:
+            raise SourceError(f"{path}: no entries in layer {layer!r}")
+        entry_name = name if name is not None else refs[0].name
+        entry = get_entry(source, layer, entry_name)
+    except (OSError, SourceError) as exc:
+        print(f"oa-machine process-one: {exc}", file=sys.stderr)
+        return 1
+    out = Path(outdir).resolve()
+    with tempfile.TemporaryDirectory(prefix="oa-process-one-") as work:
+        request = RunRequest(
+            source=source, source_path=source_path_of(path), layer=layer,
+            entry_name=entry_name, outdir=str(out), workdir=work, allow_files=True,
+            allow_private=True, max_unpacked_bytes=settings.max_unpacked_bytes,
+            progress=sys.stderr.isatty(),
+        )
+        limits = Limits(entry_timeout_s(entry, settings.run_timeout_s), settings.run_memory_bytes)
+        state = asyncio.run(run_isolated(request, limits))
+    print(out / INDEX)
+    if state.source_problem and not state.skipped:
+        print(f"failed ({state.source_problem}): {state.error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,186 @@
+"""Which URLs a run may fetch.
+
+A source JSON is written by anyone with a pull request, so its URL is untrusted input: it must
+not reach the worker's own network (metadata endpoints, the database, the broker) nor its
+local disk. ``check_url`` rejects what can be seen in the URL itself; ``GuardedResolver``
+re-checks every address a host name resolves to at connect time, so a name that resolves to a
+public address when checked and to a private one when connecting (DNS rebinding) is refused
+as well.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+
+from services.worker.errors import RunError
+
+NETWORK_SCHEMES = frozenset({"http", "https", "ftp"})
+# Names that always mean this machine, whatever a resolver says.
+LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """What a run may reach.
+
+    ``allow_files`` is for ``process-one`` on a developer's machine only; ``allow_private`` for
+    tests and local set-ups. The service runs with both off.
+    """
+
+    allow_files: bool = False
+    allow_private: bool = False
+
+
+class ForbiddenAddressError(RunError):
+    """A host resolved to an address the policy forbids.
+
+    Not an ``OSError`` on purpose: aiohttp wraps resolver ``OSError``s into connection errors,
+    which the downloader retries; a forbidden address must fail the run at once.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "download_failed")
+
+
+def is_local_path(url: str) -> bool:
+    """True for ``file://`` URLs and bare paths (no scheme, or a Windows drive letter)."""
+    scheme = urlsplit(url).scheme.lower()
+    return scheme == "file" or scheme == "" or len(scheme) == 1
+
+
+def forbidden_reason(address: IPAddress) -> str | None:
+    """Why a run may not connect to ``address``, or None when it may."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # ::ffff:127.0.0.1 reaches 127.0.0.1.
+        return forbidden_reason(address.ipv4_mapped)
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_unspecified:
+        return "an unspecified address"
+    if address.is_private:
+        return "a private address"
+    if address.is_reserved:
+        return "a reserved address"
+    if not address.is_global:
+        # Shared address space (100.64.0.0/10) and similar non-routable ranges.
+        return "a non-global address"
+    return None
+
+
+def check_address(address: str, policy: UrlPolicy, *, host: str) -> None:
+    """Refuse a resolved ``address`` for ``host`` unless the policy allows it."""
+    if policy.allow_private:
+        return
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError as exc:
+        raise ForbiddenAddressError(
+            f"{host} resolved to an unparseable address {address!r}"
+        ) from exc
+    reason = forbidden_reason(ip)
+    if reason is not None:
+        raise ForbiddenAddressError(
+            f"refusing to connect to {host} ({address}): {reason} is not allowed"
+        )
+
+
+def check_url(url: str, policy: UrlPolicy) -> None:
+    """Refuse ``url`` unless ``policy`` allows its scheme and host.
+
+    Host names are not resolved here (that happens, and is checked, at connect time); literal
+    addresses and the names of this machine are refused here because aiohttp connects to a
+    literal address without asking the resolver.
+    """
+    if is_local_path(url):
+        if not policy.allow_files:
+            raise RunError(f"refusing local file {redact(url)!r}: local files are not allowed here",
+                           "download_failed")
+        return
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in NETWORK_SCHEMES:
+        raise RunError(f"refusing {redact(url)!r}: scheme {scheme!r} is not one of http, https, ftp",
+                       "download_failed")
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        raise RunError(f"refusing {redact(url)!r}: no host", "download_failed")
+    if policy.allow_private:
+        return
+    if host in LOCAL_NAMES or host.endswith(".localhost"):
+        raise RunError(f"refusing {redact(url)!r}: {host} is this machine", "download_failed")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    reason = forbidden_reason(ip)
+    if reason is not None:
+        raise RunError(f"refusing {redact(url)!r}: {reason} is not allowed", "download_failed")
+
+
+def resolve_checked(host: str, port: int, policy: UrlPolicy) -> list[str]:
+    """Resolve ``host`` (blocking) and return its addresses, refusing forbidden ones.
+
+    For ftplib, which has no resolver hook: the caller connects to a returned address, not to
+    the name, so the name cannot resolve differently between check and connect.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RunError(f"cannot resolve {host}: {exc}", "download_failed") from exc
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        check_address(address, policy, host=host)
+    return addresses
+
+
+class GuardedResolver(AbstractResolver):
+    """A resolver that refuses a host when any of its addresses is forbidden.
+
+    Refusing the whole host (not just filtering the bad addresses) keeps the rule simple: a
+    name that points at both a public and an internal address is suspicious in itself.
+    """
+
+    def __init__(self, policy: UrlPolicy, inner: AbstractResolver | None = None) -> None:
+        self._policy = policy
+        self._inner = inner or ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if host.rstrip(".").lower() in LOCAL_NAMES and not self._policy.allow_private:
+            raise ForbiddenAddressError(f"refusing to connect to {host}: it is this machine")
+        for result in results:
+            check_address(result["host"], self._policy, host=host)
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def connector_kwargs(policy: UrlPolicy) -> dict[str, Any]:
+    """Keyword arguments for an ``aiohttp.TCPConnector`` that enforces ``policy``."""
+    return {"resolver": GuardedResolver(policy), "use_dns_cache": False}
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
