@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,6 +29,8 @@ from yarl import URL
 from services.worker.errors import RunError
 from services.worker.sources.guard import UrlPolicy, redact
 from services.worker.sources.http import (
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUTS,
     Retry,
     RetryableError,
     Timeouts,
@@ -87,14 +90,14 @@ def _closed(ring: Ring) -> Ring:
 
 def _signed_area(ring: Ring) -> float:
     """Twice the signed area; negative means clockwise (x east, y north)."""
-    return sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(ring, ring[1:], strict=False))
+    return sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in itertools.pairwise(ring))
 
 
 def _contains(ring: Ring, point: Position) -> bool:
     # Even-odd ray casting; good enough to decide which outer ring a hole belongs to.
     x, y = point
     inside = False
-    for (x1, y1), (x2, y2) in zip(ring, ring[1:], strict=False):
+    for (x1, y1), (x2, y2) in itertools.pairwise(ring):
         if (y1 > y) != (y2 > y) and x < (x2 - x1) * (y - y1) / (y2 - y1) + x1:
             inside = not inside
     return inside
@@ -109,8 +112,9 @@ def _polygons(rings_raw: Any) -> list[list[Ring]]:
     holes = [r for r in rings if _signed_area(r) >= 0]
     polygons: list[list[Ring]] = [[outer[::-1]] for outer in outers]
     for hole in holes:
-        owner = next((p for p, o in zip(polygons, outers, strict=True) if _contains(o, hole[0])),
-                     None)
+        owner = next(
+            (p for p, o in zip(polygons, outers, strict=True) if _contains(o, hole[0])), None
+        )
         if owner is None:
             # A counter-clockwise ring inside nothing: a server that got the winding wrong.
             polygons.append([hole])
@@ -203,8 +207,13 @@ class LayerClient:
     """JSON requests to one layer, with retries and ArcGIS error handling."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, url: str, *, policy: UrlPolicy,
-        headers: Mapping[str, str], retry: Retry,
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        *,
+        policy: UrlPolicy,
+        headers: Mapping[str, str],
+        retry: Retry,
     ) -> None:
         parts = urlsplit(url)
         # A query string in the source URL (a token, a definition query) goes on every request.
@@ -223,8 +232,12 @@ class LayerClient:
         async def attempt() -> JSON:
             method = "POST" if post else "GET"
             async with open_response(
-                self._session, method, url if post else _with_query(url, query),
-                policy=self._policy, headers=self._headers, data=query if post else None,
+                self._session,
+                method,
+                url if post else _with_query(url, query),
+                policy=self._policy,
+                headers=self._headers,
+                data=query if post else None,
             ) as response:
                 body = await response.read()
                 return self._parse(response, body)
@@ -280,8 +293,11 @@ class Layer:
         advanced = meta.get("advancedQueryCapabilities") or {}
         supports = bool(advanced.get("supportsPagination") or meta.get("supportsPagination"))
         max_records = meta.get("maxRecordCount")
-        page_size = min(max_records, max_page_size) if isinstance(max_records, int) and \
-            max_records > 0 else max_page_size
+        page_size = (
+            min(max_records, max_page_size)
+            if isinstance(max_records, int) and max_records > 0
+            else max_page_size
+        )
         return cls(oid_field, page_size, supports, _out_fields(fields, out_fields, oid_field))
 
 
@@ -315,8 +331,13 @@ class Dumper:
         self.writer = writer
 
     def _query_params(self) -> dict[str, str]:
-        return {"where": "1=1", "outFields": self.layer.out_fields, "outSR": "4326",
-                "returnGeometry": "true", "f": "json"}
+        return {
+            "where": "1=1",
+            "outFields": self.layer.out_fields,
+            "outSR": "4326",
+            "returnGeometry": "true",
+            "f": "json",
+        }
 
     async def count(self) -> int | None:
         try:
@@ -339,8 +360,11 @@ class Dumper:
         offset = 0
         first_oid: Any = None
         while True:
-            params = {**self._query_params(), "resultOffset": str(offset),
-                      "resultRecordCount": str(self.layer.page_size)}
+            params = {
+                **self._query_params(),
+                "resultOffset": str(offset),
+                "resultRecordCount": str(self.layer.page_size),
+            }
             if self.layer.oid_field:
                 # A stable order, or pages may overlap and skip features.
                 params["orderByFields"] = f"{self.layer.oid_field} ASC"
@@ -376,8 +400,12 @@ class Dumper:
         if not isinstance(ids, list):
             return None
         if data.get("objectIdFieldName") and not self.layer.oid_field:
-            self.layer = Layer(data["objectIdFieldName"], self.layer.page_size,
-                               self.layer.supports_pagination, self.layer.out_fields)
+            self.layer = Layer(
+                data["objectIdFieldName"],
+                self.layer.page_size,
+                self.layer.supports_pagination,
+                self.layer.out_fields,
+            )
         return sorted(i for i in ids if isinstance(i, int))
 
     async def by_ids(self, ids: Sequence[int]) -> None:
@@ -408,9 +436,15 @@ class Dumper:
 
 
 async def dump_async(
-    url: str, dest: Path, *, policy: UrlPolicy, headers: Mapping[str, str] | None = None,
-    out_fields: Sequence[str] | None = None, progress: Callable[[int], None] | None = None,
-    timeouts: Timeouts = Timeouts(), retry: Retry = Retry(),
+    url: str,
+    dest: Path,
+    *,
+    policy: UrlPolicy,
+    headers: Mapping[str, str] | None = None,
+    out_fields: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    retry: Retry = DEFAULT_RETRY,
     max_page_size: int = DEFAULT_PAGE_SIZE,
 ) -> EsriResult:
     async with make_session(policy, timeouts) as session:
@@ -424,8 +458,9 @@ async def dump_async(
             await _run_strategy(dumper, expected)
             writer = dumper.writer
     if expected is not None and writer.count != expected:
-        log.warning("esri.count_mismatch", url=client.shown, expected=expected,
-                    written=writer.count)
+        log.warning(
+            "esri.count_mismatch", url=client.shown, expected=expected, written=writer.count
+        )
     return EsriResult(dest, writer.md5.hexdigest(), writer.size_bytes, expected, writer.count)
 
 
@@ -445,9 +480,15 @@ async def _run_strategy(dumper: Dumper, expected: int | None) -> None:
 
 
 def dump(
-    url: str, dest: Path, *, policy: UrlPolicy, headers: Mapping[str, str] | None = None,
-    out_fields: Sequence[str] | None = None, progress: Callable[[int], None] | None = None,
-    timeouts: Timeouts = Timeouts(), retry: Retry = Retry(),
+    url: str,
+    dest: Path,
+    *,
+    policy: UrlPolicy,
+    headers: Mapping[str, str] | None = None,
+    out_fields: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    retry: Retry = DEFAULT_RETRY,
     max_page_size: int = DEFAULT_PAGE_SIZE,
 ) -> EsriResult:
     """Dump the layer at ``url`` to ``dest`` as GeoJSON lines in EPSG:4326 (blocking).
@@ -457,7 +498,15 @@ def dump(
     the server's count is often off for live layers.
     """
     return asyncio.run(
-        dump_async(url, dest, policy=policy, headers=headers, out_fields=out_fields,
-                   progress=progress, timeouts=timeouts, retry=retry,
-                   max_page_size=max_page_size)
+        dump_async(
+            url,
+            dest,
+            policy=policy,
+            headers=headers,
+            out_fields=out_fields,
+            progress=progress,
+            timeouts=timeouts,
+            retry=retry,
+            max_page_size=max_page_size,
+        )
     )

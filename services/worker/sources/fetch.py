@@ -19,7 +19,7 @@ from urllib.request import url2pathname
 from services.worker.errors import RunError
 from services.worker.sources import esri, ftp, http
 from services.worker.sources.guard import UrlPolicy, check_url, is_local_path
-from services.worker.sources.http import Retry, Timeouts
+from services.worker.sources.http import DEFAULT_RETRY, DEFAULT_TIMEOUTS, Retry, Timeouts
 
 __all__ = ["Conditional", "Download", "Retry", "Timeouts", "fetch"]
 
@@ -76,8 +76,8 @@ def fetch(
     conditional: Conditional | None = None,
     out_fields: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
-    timeouts: Timeouts = Timeouts(),
-    retry: Retry = Retry(),
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    retry: Retry = DEFAULT_RETRY,
 ) -> Download:
     """Download ``entry["data"]`` into ``workdir`` by ``entry["protocol"]``.
 
@@ -96,20 +96,37 @@ def fetch(
         if is_local_path(url):
             check_url(url, policy)
             return _copy_local(url, workdir, progress)
-        return _fetch_http(url, workdir, policy=policy, entry=entry, headers=headers,
-                           conditional=conditional, progress=progress, timeouts=timeouts,
-                           retry=retry)
+        return _fetch_http(
+            url,
+            workdir,
+            policy=policy,
+            entry=entry,
+            headers=headers,
+            conditional=conditional,
+            progress=progress,
+            timeouts=timeouts,
+            retry=retry,
+        )
     if protocol == "ftp":
         dest = workdir / (DOWNLOAD_STEM + _suffix_from_url(url, ".bin"))
-        got = ftp.download(url, dest, policy=policy, progress=progress, timeouts=timeouts,
-                           retry=retry)
+        got = ftp.download(
+            url, dest, policy=policy, progress=progress, timeouts=timeouts, retry=retry
+        )
         return Download(got.path, got.fingerprint, got.size_bytes, None, None, False, None)
     if protocol == "esri":
-        dumped = esri.dump(url, workdir / ESRI_FILE, policy=policy, headers=headers,
-                           out_fields=out_fields, progress=progress, timeouts=timeouts,
-                           retry=retry)
-        return Download(dumped.path, dumped.fingerprint, dumped.size_bytes, None, None, False,
-                        esri.CONTENT_TYPE)
+        dumped = esri.dump(
+            url,
+            workdir / ESRI_FILE,
+            policy=policy,
+            headers=headers,
+            out_fields=out_fields,
+            progress=progress,
+            timeouts=timeouts,
+            retry=retry,
+        )
+        return Download(
+            dumped.path, dumped.fingerprint, dumped.size_bytes, None, None, False, esri.CONTENT_TYPE
+        )
     raise RunError(f"unknown protocol {entry.get('protocol')!r}", "unknown_protocol")
 
 
@@ -128,24 +145,38 @@ def _request_method(entry: Mapping[str, Any]) -> str:
 
 
 def _fetch_http(
-    url: str, workdir: Path, *, policy: UrlPolicy, entry: Mapping[str, Any],
-    headers: Mapping[str, str], conditional: Conditional | None,
-    progress: Callable[[int], None] | None, timeouts: Timeouts, retry: Retry,
+    url: str,
+    workdir: Path,
+    *,
+    policy: UrlPolicy,
+    entry: Mapping[str, Any],
+    headers: Mapping[str, str],
+    conditional: Conditional | None,
+    progress: Callable[[int], None] | None,
+    timeouts: Timeouts,
+    retry: Retry,
 ) -> Download:
     part = workdir / (DOWNLOAD_STEM + ".part")
     got = http.download(
-        url, part, policy=policy, method=_request_method(entry), headers=headers,
+        url,
+        part,
+        policy=policy,
+        method=_request_method(entry),
+        headers=headers,
         if_none_match=conditional.etag if conditional else None,
         if_modified_since=conditional.last_modified if conditional else None,
-        progress=progress, timeouts=timeouts, retry=retry,
+        progress=progress,
+        timeouts=timeouts,
+        retry=retry,
     )
     if got.not_modified:
         earlier = conditional.fingerprint if conditional else None
         return Download(part, earlier or "", 0, got.etag, got.last_modified, True, None)
     dest = workdir / (DOWNLOAD_STEM + _suffix(url, got.content_type))
     part.replace(dest)
-    return Download(dest, got.fingerprint, got.size_bytes, got.etag, got.last_modified, False,
-                    got.content_type)
+    return Download(
+        dest, got.fingerprint, got.size_bytes, got.etag, got.last_modified, False, got.content_type
+    )
 
 
 def _suffix_from_url(url: str, default: str) -> str:

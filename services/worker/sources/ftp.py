@@ -20,7 +20,7 @@ import structlog
 
 from services.worker.errors import RunError
 from services.worker.sources.guard import UrlPolicy, check_url, redact, resolve_checked
-from services.worker.sources.http import Retry, Timeouts
+from services.worker.sources.http import DEFAULT_RETRY, DEFAULT_TIMEOUTS, Retry, Timeouts
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +62,10 @@ class FtpTarget:
 
 
 def _retrieve_once(
-    target: FtpTarget, address: str, dest: Path, timeout_s: float,
+    target: FtpTarget,
+    address: str,
+    dest: Path,
+    timeout_s: float,
     progress: Callable[[int], None] | None,
 ) -> FtpResult:
     md5 = hashlib.md5(usedforsecurity=False)
@@ -89,8 +92,8 @@ def download(
     *,
     policy: UrlPolicy,
     progress: Callable[[int], None] | None = None,
-    timeouts: Timeouts = Timeouts(),
-    retry: Retry = Retry(),
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    retry: Retry = DEFAULT_RETRY,
 ) -> FtpResult:
     """Download an ``ftp://`` URL to ``dest``.
 
@@ -117,6 +120,7 @@ def download(
                     "download_failed",
                 ) from exc
             delay_s = retry.delay_s(failures)
-            log.warning("download.retry", what=shown, error=str(exc), failures=failures,
-                        delay_s=delay_s)
+            log.warning(
+                "download.retry", what=shown, error=str(exc), failures=failures, delay_s=delay_s
+            )
             time.sleep(delay_s)

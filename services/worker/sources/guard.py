@@ -106,14 +106,18 @@ def check_url(url: str, policy: UrlPolicy) -> None:
     """
     if is_local_path(url):
         if not policy.allow_files:
-            raise RunError(f"refusing local file {redact(url)!r}: local files are not allowed here",
-                           "download_failed")
+            raise RunError(
+                f"refusing local file {redact(url)!r}: local files are not allowed here",
+                "download_failed",
+            )
         return
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in NETWORK_SCHEMES:
-        raise RunError(f"refusing {redact(url)!r}: scheme {scheme!r} is not one of http, https, ftp",
-                       "download_failed")
+        raise RunError(
+            f"refusing {redact(url)!r}: scheme {scheme!r} is not one of http, https, ftp",
+            "download_failed",
+        )
     host = (parts.hostname or "").rstrip(".").lower()
     if not host:
         raise RunError(f"refusing {redact(url)!r}: no host", "download_failed")

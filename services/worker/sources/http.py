@@ -77,6 +77,11 @@ class Retry:
         return float(min(self.backoff_s * 2 ** (failed_tries - 1), self.backoff_max_s))
 
 
+# Frozen, so one shared default instance is safe.
+DEFAULT_TIMEOUTS = Timeouts()
+DEFAULT_RETRY = Retry()
+
+
 @dataclass(frozen=True)
 class HttpResult:
     """What one successful (or not-modified) download left on disk."""
@@ -182,8 +187,9 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], retry: Retry, what: 
                     f"download failed after {failures} tries, {exc}", "download_failed"
                 ) from exc
             delay_s = retry.delay_s(failures)
-            log.warning("download.retry", what=what, error=str(exc), failures=failures,
-                        delay_s=delay_s)
+            log.warning(
+                "download.retry", what=what, error=str(exc), failures=failures, delay_s=delay_s
+            )
             await asyncio.sleep(delay_s)
 
 
@@ -213,8 +219,8 @@ async def download_async(
     if_none_match: str | None = None,
     if_modified_since: str | None = None,
     progress: Callable[[int], None] | None = None,
-    timeouts: Timeouts = Timeouts(),
-    retry: Retry = Retry(),
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    retry: Retry = DEFAULT_RETRY,
 ) -> HttpResult:
     """Download ``url`` to ``dest``; see ``download`` for the contract."""
     request_headers = dict(headers or {})
@@ -233,13 +239,27 @@ async def download_async(
                 etag = response.headers.get("ETag")
                 last_modified = response.headers.get("Last-Modified")
                 if response.status == 304 and conditional:
-                    return HttpResult(dest, "", 0, etag or if_none_match,
-                                      last_modified or if_modified_since, True, None)
+                    return HttpResult(
+                        dest,
+                        "",
+                        0,
+                        etag or if_none_match,
+                        last_modified or if_modified_since,
+                        True,
+                        None,
+                    )
                 if not 200 <= response.status < 300:
                     raise status_error(url, response)
                 fingerprint, size_bytes = await _stream_to(response, dest, progress)
-                return HttpResult(dest, fingerprint, size_bytes, etag, last_modified, False,
-                                  response.headers.get("Content-Type"))
+                return HttpResult(
+                    dest,
+                    fingerprint,
+                    size_bytes,
+                    etag,
+                    last_modified,
+                    False,
+                    response.headers.get("Content-Type"),
+                )
 
         return await with_retries(attempt, retry, redact(url))
 
@@ -254,8 +274,8 @@ def download(
     if_none_match: str | None = None,
     if_modified_since: str | None = None,
     progress: Callable[[int], None] | None = None,
-    timeouts: Timeouts = Timeouts(),
-    retry: Retry = Retry(),
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    retry: Retry = DEFAULT_RETRY,
 ) -> HttpResult:
     """Download ``url`` to ``dest`` (blocking; runs its own event loop).
 
@@ -266,8 +286,15 @@ def download(
     """
     return asyncio.run(
         download_async(
-            url, dest, policy=policy, method=method, headers=headers,
-            if_none_match=if_none_match, if_modified_since=if_modified_since,
-            progress=progress, timeouts=timeouts, retry=retry,
+            url,
+            dest,
+            policy=policy,
+            method=method,
+            headers=headers,
+            if_none_match=if_none_match,
+            if_modified_since=if_modified_since,
+            progress=progress,
+            timeouts=timeouts,
+            retry=retry,
         )
     )
