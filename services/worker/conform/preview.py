@@ -27,6 +27,7 @@ _ROBUST_MIN_COUNT: Final = 1000  # below this, percentiles would clip real featu
 _LOW_PERCENTILE: Final = 0.5
 _HIGH_PERCENTILE: Final = 99.5
 _MAX_OUTLINE_VERTICES: Final = 256
+_DENSE_POINT_COUNT: Final = 100_000
 
 
 def _reservoir_moves(
@@ -115,9 +116,7 @@ class PreviewSample:
             coordinates = shapely.get_coordinates(geometries[is_point])
             self.add_points(coordinates[:, 0], coordinates[:, 1])
         shapes = geometries[~is_point]
-        sources, slots = _reservoir_moves(
-            self._rng, len(shapes), self.max_shapes, self.shapes_seen
-        )
+        sources, slots = _reservoir_moves(self._rng, len(shapes), self.max_shapes, self.shapes_seen)
         self.shapes_seen += len(shapes)
         # Per shape Python, but only for shapes entering the reservoir: ~capacity*ln(n/capacity).
         for source, slot in zip(sources.tolist(), slots.tolist(), strict=True):
@@ -180,11 +179,15 @@ def _frame(coordinates: np.ndarray, width: int) -> _Frame:
 
 
 def _draw_points(canvas: np.ndarray, pixels: np.ndarray) -> None:
-    """2x2 px dots, set straight into the pixel array (a draw call per point would be slow)."""
+    """Small dots set straight into the pixel array (a draw call per point would be slow).
+
+    2x2 px while sparse; 1 px once there are enough points to fill an area by themselves.
+    """
     height, width = canvas.shape[:2]
     x = np.floor(pixels[:, 0]).astype(np.int64)
     y = np.floor(pixels[:, 1]).astype(np.int64)
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+    offsets = ((0, 0),) if len(pixels) > _DENSE_POINT_COUNT else ((0, 0), (1, 0), (0, 1), (1, 1))
+    for dx, dy in offsets:
         xs, ys = x + dx, y + dy
         inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
         canvas[ys[inside], xs[inside]] = _POINT_COLOUR
@@ -201,7 +204,7 @@ def render_preview(sample: PreviewSample, path: Path, width: int = PREVIEW_WIDTH
     canvas[:] = _BACKGROUND
     if len(sample.points):
         _draw_points(canvas, frame.pixels(sample.points))
-    image = Image.fromarray(canvas, mode="RGB")
+    image = Image.fromarray(canvas)
     if outlines:
         draw = ImageDraw.Draw(image)
         for line in outlines:
