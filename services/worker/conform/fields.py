@@ -17,7 +17,10 @@ _INTERNAL_COLUMNS: Final[frozenset[str]] = frozenset({"__geometry__"})
 
 
 class FieldResolver:
-    """Case-insensitive field lookup over an Arrow schema (exact match wins over case-insensitive)."""
+    """Case-insensitive field lookup over an Arrow schema.
+
+    An exact match wins over a case-insensitive one.
+    """
 
     def __init__(self, names: Sequence[str]) -> None:
         self._names: tuple[str, ...] = tuple(n for n in names if n not in _INTERNAL_COLUMNS)
