@@ -709,15 +709,19 @@ def _compile_spec(spec: Any, scope: _Scope, where: str) -> Step:
 _ACCURACY_CODE: Final = re.compile(r"[1-5]")
 
 
+def _is_accuracy_code(attribute: str, spec: Any) -> bool:
+    """The schema allows the accuracy code as a string: "3" is a constant, not a field."""
+    return (
+        attribute == "accuracy" and isinstance(spec, str) and bool(_ACCURACY_CODE.fullmatch(spec))
+    )
+
+
 def attribute_specs(conform: Mapping[str, Any]) -> dict[str, Any]:
     """The value specs of a conform (attributes, ``lon``, ``lat``), in conform order."""
     specs: dict[str, Any] = {}
     for key, spec in conform.items():
-        if key not in ATTRIBUTE_KEYS:
-            continue
-        if key == "accuracy" and isinstance(spec, str) and _ACCURACY_CODE.fullmatch(spec):
-            spec = int(spec)  # the schema allows the accuracy code as a string
-        specs[key] = spec
+        if key in ATTRIBUTE_KEYS:
+            specs[key] = spec
     return specs
 
 
@@ -745,7 +749,8 @@ def referenced_fields(conform: Mapping[str, Any]) -> set[str]:
     names: set[str] = set()
     variables: set[str] = set()
     for key, spec in attribute_specs(conform).items():
-        _collect(spec, names, variables)
+        if not _is_accuracy_code(key, spec):
+            _collect(spec, names, variables)
         variables.add(_variable_key(key))
     return {n for n in names if n.casefold() not in variables}
 
@@ -757,6 +762,8 @@ class Evaluator:
         scope = _Scope(FieldResolver(field_names))
         self._steps: list[tuple[str, Step]] = []
         for attribute, spec in specs.items():
+            if _is_accuracy_code(attribute, spec):
+                spec = int(spec)
             self._steps.append((attribute, _compile_spec(spec, scope, f"attribute {attribute!r}")))
             # Later specs may read an earlier attribute's value as field "oa:<attribute>".
             scope.variables.add(_variable_key(attribute))
