@@ -15,7 +15,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Subcommands of the `oa-machine` console script (services/cli.py); cross-checked there by
 #: test_compose.test_subcommands_match_cli.
-SUBCOMMANDS = frozenset({"webhook", "worker", "dequeuer", "scheduler", "up", "migrate", "process-one"})
+SUBCOMMANDS = frozenset(
+    {"webhook", "worker", "dequeuer", "scheduler", "up", "migrate", "process-one"}
+)
 
 #: The long-running services, each its own container / Deployment.
 SERVICES = ("webhook", "worker", "dequeuer", "scheduler")
@@ -43,7 +45,7 @@ def cli_subcommands() -> set[str]:
             and node.args
             and isinstance(node.args[0], ast.Constant)
         ):
-            names.add(node.args[0].value)
+            names.add(str(node.args[0].value))
     return names
 
 
@@ -52,4 +54,5 @@ def settings_from_environment(environment: dict[str, str]) -> Settings:
     values = {
         name.lower(): value for name, value in environment.items() if name in SETTINGS_VARIABLES
     }
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    # model_validate skips the settings sources: only these values and the defaults count.
+    return Settings.model_validate(values)

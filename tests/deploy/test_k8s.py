@@ -232,7 +232,7 @@ def render(folder: Path, renamed: dict[tuple[str, str], str] | None = None) -> l
     return resources
 
 
-# --- helpers ---------------------------------------------------------------------------------------
+# --- helpers -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module", params=KUSTOMIZATIONS, ids=lambda path: path.name)
@@ -299,7 +299,7 @@ def quantity_cpu(value: str | int) -> float:
     return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-# --- the tree --------------------------------------------------------------------------------------
+# --- the tree ------------------------------------------------------------------------------------
 
 
 def test_every_yaml_file_in_a_kustomization_folder_is_used() -> None:
@@ -320,9 +320,9 @@ def test_renderer_refuses_what_it_does_not_know(tmp_path: Path) -> None:
 def test_objects_have_unique_names(rendered: list[Obj]) -> None:
     keys = [(obj["apiVersion"], obj["kind"], obj["metadata"]["name"]) for obj in rendered]
     assert len(keys) == len(set(keys))
-    assert all(
-        obj["metadata"]["name"].startswith("oa-machine") for obj in rendered
-    ), "every object is named oa-machine-* so that it never collides in a shared namespace"
+    assert all(obj["metadata"]["name"].startswith("oa-machine") for obj in rendered), (
+        "every object is named oa-machine-* so that it never collides in a shared namespace"
+    )
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -345,9 +345,9 @@ def test_core_objects_match_the_kubernetes_schemas(rendered: list[Obj], version:
 def test_the_schemas_catch_a_broken_object(base: list[Obj]) -> None:
     # Proof that the validation above bites: a typo in a probe field is rejected.
     deployment = copy.deepcopy(one(base, "Deployment", "oa-machine-webhook"))
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"][
-        "paht"
-    ] = "/health"
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = (
+        "/health"
+    )
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
 
@@ -369,6 +369,7 @@ KEDA_SPEC_FIELDS = {
         "awsSecretManager", "gcpSecretManager", "configMapTargetRef", "boundServiceAccountToken",
     },
 }  # fmt: skip
+TRIGGER_FIELDS = {"type", "name", "metadata", "authenticationRef", "useCachedMetrics", "metricType"}
 RABBITMQ_METADATA = {
     "host", "hostFromEnv", "protocol", "queueName", "mode", "value", "activationValue",
     "vhostName", "excludeUnacknowledged", "useRegex", "pageSize", "operation", "timeout",
@@ -385,7 +386,7 @@ def test_keda_objects_use_known_fields(rendered: list[Obj]) -> None:
         assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
         assert set(obj["spec"]) <= KEDA_SPEC_FIELDS[obj["kind"]], obj["spec"].keys()
         for trigger in obj["spec"].get("triggers", []):
-            assert set(trigger) <= {"type", "name", "metadata", "authenticationRef", "useCachedMetrics", "metricType"}  # fmt: skip
+            assert set(trigger) <= TRIGGER_FIELDS
             if trigger["type"] == "rabbitmq":
                 assert set(trigger["metadata"]) <= RABBITMQ_METADATA
                 assert all(isinstance(v, str) for v in trigger["metadata"].values()), (
@@ -418,7 +419,7 @@ def test_keda_embedded_kubernetes_parts_match_the_schemas(rendered: list[Obj]) -
             kubernetes_validate.validate(hpa, KUBERNETES_VERSIONS[0], strict=True)
 
 
-# --- workloads -------------------------------------------------------------------------------------
+# --- workloads -----------------------------------------------------------------------------------
 
 
 def test_selectors_match_their_pods(rendered: list[Obj]) -> None:
@@ -442,13 +443,15 @@ def test_selectors_match_their_pods(rendered: list[Obj]) -> None:
 
 
 def test_every_deployment_has_a_disruption_budget(rendered: list[Obj]) -> None:
-    budgets = [pdb["spec"]["selector"]["matchLabels"] for pdb in find(rendered, "PodDisruptionBudget")]
+    budgets = [
+        pdb["spec"]["selector"]["matchLabels"] for pdb in find(rendered, "PodDisruptionBudget")
+    ]
     for obj in find(rendered, "Deployment"):
         labels = obj["spec"]["template"]["metadata"]["labels"]
         assert any(b.items() <= labels.items() for b in budgets), obj["metadata"]["name"]
     webhook = one(rendered, "PodDisruptionBudget", "oa-machine-webhook")
     replicas = one(rendered, "Deployment", "oa-machine-webhook")["spec"]["replicas"]
-    assert webhook["spec"]["minAvailable"] < replicas, "a budget that allows no eviction blocks drains"
+    assert webhook["spec"]["minAvailable"] < replicas, "a budget allowing no eviction blocks drains"
 
 
 def test_base_runs_every_service_and_the_migration(base: list[Obj]) -> None:
@@ -512,7 +515,7 @@ def test_worker_is_sized_for_gdal_work(rendered: list[Obj]) -> None:
         if template["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
     ]
     assert len(workers) == 1
-    owner, template = workers[0]
+    _, template = workers[0]
     spec = template["spec"]
     (container,) = spec["containers"]
     limits = container["resources"]["limits"]
@@ -533,7 +536,7 @@ def test_worker_is_sized_for_gdal_work(rendered: list[Obj]) -> None:
     assert env["WORKER_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
-# --- the webhook -----------------------------------------------------------------------------------
+# --- the webhook ---------------------------------------------------------------------------------
 
 
 def test_webhook_probes_hit_health_on_the_declared_port(base: list[Obj]) -> None:
@@ -553,7 +556,7 @@ def test_webhook_probes_hit_health_on_the_declared_port(base: list[Obj]) -> None
     assert config["HTTP_HOST"] == "0.0.0.0", "listen beyond loopback, or no probe gets in"
 
 
-# --- settings and secrets --------------------------------------------------------------------------
+# --- settings and secrets ------------------------------------------------------------------------
 
 
 def test_configmap_holds_valid_settings(rendered: list[Obj]) -> None:
@@ -568,7 +571,7 @@ def test_configmap_holds_valid_settings(rendered: list[Obj]) -> None:
 
 def test_containers_read_the_config_and_the_external_secret(rendered: list[Obj]) -> None:
     configmaps = {obj["metadata"]["name"] for obj in find(rendered, "ConfigMap")}
-    secret_names = set()
+    secret_names: set[str] = set()
     for owner, container in containers(rendered):
         sources = container["envFrom"]
         config_refs = [s["configMapRef"]["name"] for s in sources if "configMapRef" in s]
@@ -584,7 +587,7 @@ def test_containers_read_the_config_and_the_external_secret(rendered: list[Obj])
     assert not find(rendered, "Secret")
 
 
-# --- KEDA -----------------------------------------------------------------------------------------
+# --- KEDA ----------------------------------------------------------------------------------------
 
 
 def _check_rabbitmq_trigger(rendered: list[Obj], scaler: Obj) -> None:
@@ -595,7 +598,8 @@ def _check_rabbitmq_trigger(rendered: list[Obj], scaler: Obj) -> None:
     assert metadata["mode"] == "QueueLength"
     assert metadata["protocol"] in ("amqp", "auto")
     # One waiting task per run slot of a worker pod.
-    assert int(metadata["value"]) == settings_from_environment(config_data(rendered)).worker_concurrency
+    settings = settings_from_environment(config_data(rendered))
+    assert int(metadata["value"]) == settings.worker_concurrency
     assert "host" not in metadata, "the broker URL holds a password: it comes from a Secret"
     auth = one(rendered, "TriggerAuthentication", trigger["authenticationRef"]["name"])
     (ref,) = auth["spec"]["secretTargetRef"]
@@ -636,7 +640,7 @@ def test_worker_has_the_once_mode_the_overlay_runs() -> None:
         pytest.xfail("`oa-machine worker --once` is not implemented yet: the overlay needs it")
 
 
-# --- cross-check with the real kustomize, where there is one --------------------------------------
+# --- cross-check with the real kustomize, where there is one -------------------------------------
 
 
 def _normalise(objects: list[Obj]) -> list[str]:
