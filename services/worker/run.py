@@ -1,0 +1,235 @@
+"""One run, child side: fetch → unpack → read → conform → write → state.
+
+Every stage raises :class:`~services.worker.errors.RunError` with its source problem; this
+module turns that into the run's state. It runs inside the isolated child process
+(:mod:`services.worker.child`), so it may block and use all the memory its limit allows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from shared.errors import SourceError
+from shared.sources import attribution, get_entry, is_skipped
+from services.worker.conform.acceptance import run_acceptance_tests
+from services.worker.conform.engine import GEOMETRY, Conformer
+from services.worker.conform.functions import referenced_fields
+from services.worker.conform.readers import open_reader
+from services.worker.conform.writers import OutputWriter, OutputSummary
+from services.worker.errors import RunError
+from services.worker.isolation import RunRequest
+from services.worker.sources.archive import unpack
+from services.worker.sources.fetch import Conditional, Download, fetch
+from services.worker.sources.guard import UrlPolicy
+from services.worker.state import RunState
+from services.worker.version import CODE_VERSION
+
+log = logging.getLogger("oa.run")
+
+SAMPLE_ROWS = 5
+
+
+def run_entry(request: RunRequest) -> RunState:
+    """Process the request's entry into ``request.outdir``; never raises a RunError."""
+    started = time.monotonic()
+    outdir, workdir = Path(request.outdir), Path(request.workdir)
+    state = _initial_state(request)
+    try:
+        entry = get_entry(request.source, request.layer, request.entry_name)
+        _describe(state, request.source, entry)
+        if is_skipped(entry):
+            log.info("source is marked skip: true; nothing to do")
+            state.skipped = True
+            state.source_problem = "skip_source"
+            state.error = "the source entry is marked skip: true"
+            return state
+        conform = entry.get("conform")
+        if not isinstance(conform, Mapping):
+            raise RunError("the source entry has no conform section", "missing_conform")
+        _acceptance(state, entry)
+        download = _download(request, entry, conform, workdir, state)
+        if download.not_modified and request.previous:
+            return _reused(state, request.previous, download)
+        _keep_cache(download, outdir, state)
+        data_path = unpack(
+            download.path, conform, workdir / "unpacked",
+            compression=entry.get("compression"), max_unpacked_bytes=request.max_unpacked_bytes,
+        )
+        if request.previous and _same_data(request.previous, download):
+            return _reused(state, request.previous, download)
+        summary = _conform(request, conform, data_path, outdir, state)
+        if summary.feature_count == 0:
+            raise RunError("the data has no features with usable coordinates", "no_features")
+    except RunError as exc:
+        log.error("run failed (%s): %s", exc.problem, exc)
+        state.source_problem = exc.problem
+        state.error = str(exc)
+    except SourceError as exc:
+        log.error("run failed (%s): %s", exc.problem, exc)
+        state.source_problem = exc.problem  # type: ignore[assignment]
+        state.error = str(exc)
+    finally:
+        state.process_time = round(time.monotonic() - started, 3)
+        state.processed = datetime.now(UTC).isoformat(timespec="seconds")
+    return state
+
+
+def _initial_state(request: RunRequest) -> RunState:
+    return RunState.model_validate({
+        "source": request.source_path, "layer": request.layer, "name": request.entry_name,
+        "code version": CODE_VERSION,
+    })
+
+
+def _describe(state: RunState, source: Mapping[str, Any], entry: Mapping[str, Any]) -> None:
+    terms = attribution(source, entry)
+    state.website = terms.get("website")
+    state.license = terms.get("license_text") or terms.get("license_url")
+    state.attribution_required = terms.get("attribution_required")
+    state.attribution_name = terms.get("attribution_name")
+    state.share_alike = terms.get("share_alike")
+
+
+def _acceptance(state: RunState, entry: Mapping[str, Any]) -> None:
+    test = entry.get("test")
+    if not isinstance(test, Mapping) or test.get("enabled") is False:
+        return
+    if not test.get("acceptance-tests"):
+        return
+    failures = run_acceptance_tests(entry)
+    state.tests_passed = not failures
+    if failures:
+        raise RunError("acceptance tests failed: " + "; ".join(failures), "test_failed")
+    log.info("acceptance tests passed")
+
+
+def _download(
+    request: RunRequest,
+    entry: Mapping[str, Any],
+    conform: Mapping[str, Any],
+    workdir: Path,
+    state: RunState,
+) -> Download:
+    previous = request.previous or {}
+    conditional = None
+    if previous:
+        conditional = Conditional(
+            etag=previous.get("etag"), last_modified=previous.get("last_modified"),
+            fingerprint=previous.get("fingerprint"),
+        )
+    protocol = str(entry.get("protocol", "")).lower()
+    out_fields = sorted(referenced_fields(conform)) if protocol == "esri" else None
+    started = time.monotonic()
+    with _progress(request.progress, "download", "B") as tick:
+        download = fetch(
+            entry, workdir / "download",
+            policy=UrlPolicy(allow_files=request.allow_files, allow_private=request.allow_private),
+            conditional=conditional, out_fields=out_fields, progress=tick,
+        )
+    state.cache_time = round(time.monotonic() - started, 3)
+    state.fingerprint = download.fingerprint
+    state.etag = download.etag
+    state.last_modified = download.last_modified
+    log.info("downloaded %s bytes (md5 %s) in %.1f s", download.size_bytes,
+             download.fingerprint, state.cache_time)
+    return download
+
+
+def _keep_cache(download: Download, outdir: Path, state: RunState) -> None:
+    name = "cache" + (download.path.suffix or ".bin")
+    target = outdir / name
+    # A hard link costs nothing when the work and output folders share a file system.
+    try:
+        os.link(download.path, target)
+    except OSError:
+        shutil.copyfile(download.path, target)
+    state.cache = name
+
+
+def _same_data(previous: Mapping[str, Any], download: Download) -> bool:
+    return bool(previous.get("fingerprint")) and previous["fingerprint"] == download.fingerprint
+
+
+def _reused(state: RunState, previous: Mapping[str, Any], download: Download) -> RunState:
+    """Take the earlier run's results: same entry, same data (304 or same fingerprint)."""
+    earlier = RunState.model_validate(previous["state"])
+    for field in ("feature_count", "geometry_type", "bounds", "attribute_counts", "sample",
+                  "preview", "processed_zip", "cache", "tests_passed", "dropped_rows"):
+        setattr(state, field, getattr(earlier, field))
+    state.reused_from = int(previous["run_id"])
+    state.fingerprint = download.fingerprint or earlier.fingerprint
+    log.info("data unchanged since run %s; reusing its outputs", state.reused_from)
+    return state
+
+
+def _conform(
+    request: RunRequest,
+    conform: Mapping[str, Any],
+    data_path: Path,
+    outdir: Path,
+    state: RunState,
+) -> OutputSummary:
+    terms = attribution(request.source, get_entry(request.source, request.layer,
+                                                  request.entry_name))
+    with open_reader(data_path, conform) as reader:
+        has_geometry = reader.geometry_type is not None
+        conformer = Conformer(request.layer, conform, reader.fields, reader.crs,  # type: ignore[arg-type]
+                              has_geometry=has_geometry)
+        writer = OutputWriter(outdir, request.layer, source_name=request.source_path,
+                              attribution=terms)
+        with _progress(request.progress, "conform", " features") as tick:
+            done = 0
+            for index, batch in enumerate(reader.batches()):
+                if index == 0:
+                    _write_sample(batch, outdir / "sample.json")
+                    state.sample = "sample.json"
+                writer.write(conformer.conform(batch))
+                done += batch.num_rows
+                tick(done)
+        summary = writer.close()
+    state.feature_count = summary.feature_count
+    state.geometry_type = summary.geometry_type
+    state.bounds = summary.bounds
+    state.attribute_counts = summary.attribute_counts
+    state.dropped_rows = conformer.dropped_rows
+    files = summary.files
+    state.preview = "preview.png" if "preview.png" in files else None
+    state.processed_zip = "processed.zip" if "processed.zip" in files else None
+    log.info("conformed %d features (%d rows dropped without usable geometry)",
+             summary.feature_count, conformer.dropped_rows)
+    return summary
+
+
+def _write_sample(batch: pa.RecordBatch, path: Path) -> None:
+    """``sample.json``: the header then the first raw records, as the reference wrote it."""
+    names = [name for name in batch.schema.names if name != GEOMETRY]
+    head = batch.slice(0, SAMPLE_ROWS)
+    rows = [[head.column(name)[i].as_py() for name in names] for i in range(head.num_rows)]
+    path.write_text(json.dumps([names, *rows], ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str, unit: str) -> Iterator[Any]:
+    """A tqdm bar on the terminal of `process-one`; a no-op callback elsewhere."""
+    if not enabled:
+        yield lambda _total: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=label, unit=unit.strip() or "B", unit_scale=True, leave=True) as bar:
+
+        def tick(total: int) -> None:
+            bar.update(total - bar.n)
+
+        yield tick
