@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 from urllib.parse import quote
 
-from pyftpdlib.authorizers import DummyAuthorizer
-from pyftpdlib.handlers import FTPHandler
-from pyftpdlib.servers import FTPServer
+with warnings.catch_warnings():
+    # pyftpdlib is built on asyncore/asynchat, deprecated in 3.11; it is only a test fixture.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.ioloop import IOLoop
+    from pyftpdlib.servers import FTPServer
 
 # pyftpdlib logs every command at INFO; tests read better without it.
 logging.getLogger("pyftpdlib").setLevel(logging.WARNING)
@@ -31,12 +36,14 @@ class FtpServer:
         self.password = password
         self._server: FTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._port: int | None = None
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._port is None:
             raise RuntimeError("server not started")
-        return int(self._server.socket.getsockname()[1])
+        return self._port
 
     def url(self, path: str, *, login: bool = False) -> str:
         userinfo = f"{quote(self.user)}:{quote(self.password)}@" if login else ""
@@ -46,30 +53,41 @@ class FtpServer:
         authorizer = DummyAuthorizer()
         authorizer.add_user(self.user, self.password, str(self.root), perm="elr")
         authorizer.add_anonymous(str(self.root), perm="elr")
-        handler = type("Handler", (FTPHandler,), {"authorizer": authorizer})
-        self._server = FTPServer(("127.0.0.1", 0), handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"timeout": 0.1, "handle_exit": False},
-            name="FtpServer",
-            daemon=True,
+        # No pause after a failed login: pyftpdlib's default of 3 s would slow tests down.
+        handler = type(
+            "Handler", (FTPHandler,), {"authorizer": authorizer, "auth_failed_timeout": 0.01}
         )
+        # Its own loop: pyftpdlib's default loop is process-wide, and closing one server
+        # would close every other server's sockets with it.
+        self._server = FTPServer(("127.0.0.1", 0), handler, ioloop=IOLoop())
+        self._port = int(self._server.socket.getsockname()[1])
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._serve, name="FtpServer", daemon=True)
         self._thread.start()
         return self
 
+    def _serve(self) -> None:
+        # The server is closed from its own thread: pyftpdlib's loop is not thread-safe.
+        server = self._server
+        assert server is not None
+        while not self._stopping.is_set():
+            server.serve_forever(timeout=0.05, blocking=False, handle_exit=False)
+        server.close_all()
+
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.close_all()
-            self._server = None
+        self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        self._server = None
 
     def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()

@@ -163,8 +163,9 @@ def _extract_zip(archive: Path, dest: Path, budget: Budget) -> list[Path]:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
             if len(infos) > MAX_MEMBERS:
-                raise RunError(f"refusing {archive.name}: more than {MAX_MEMBERS} members",
-                               "download_failed")
+                raise RunError(
+                    f"refusing {archive.name}: more than {MAX_MEMBERS} members", "download_failed"
+                )
             for info in infos:
                 relative = _safe_member_path(info, archive)
                 if relative is None:
@@ -172,8 +173,11 @@ def _extract_zip(archive: Path, dest: Path, budget: Budget) -> list[Path]:
                 target = dest.joinpath(*relative.parts)
                 # Belt and braces: a folder created earlier may be a link on odd systems.
                 if not target.resolve().is_relative_to(root):
-                    raise RunError(f"refusing member {info.filename!r} of {archive.name}: "
-                                   "its path escapes the folder", "download_failed")
+                    raise RunError(
+                        f"refusing member {info.filename!r} of {archive.name}: "
+                        "its path escapes the folder",
+                        "download_failed",
+                    )
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
@@ -185,8 +189,9 @@ def _extract_zip(archive: Path, dest: Path, budget: Budget) -> list[Path]:
         raise _corrupt(archive, "zip", exc) from exc
     except NotImplementedError as exc:
         # Typically Deflate64 from Windows' own zip tool.
-        raise RunError(f"{archive.name} uses an unsupported zip compression: {exc}",
-                       "download_failed") from exc
+        raise RunError(
+            f"{archive.name} uses an unsupported zip compression: {exc}", "download_failed"
+        ) from exc
     except RuntimeError as exc:
         raise RunError(f"{archive.name} cannot be extracted: {exc}", "download_failed") from exc
     return files
@@ -214,8 +219,10 @@ def _expand_nested(files: Iterable[Path], budget: Budget, depth: int) -> list[Pa
             expanded.append(path)
             continue
         if depth >= MAX_NESTING:
-            raise RunError(f"refusing {path.name}: archives nested more than {MAX_NESTING} deep",
-                           "download_failed")
+            raise RunError(
+                f"refusing {path.name}: archives nested more than {MAX_NESTING} deep",
+                "download_failed",
+            )
         if kind == "zip":
             folder = _free_name(path.with_suffix(""))
             expanded += _expand_zip(path, folder, budget, depth + 1)
@@ -262,8 +269,9 @@ def _choose(root: Path, files: list[Path], wanted: Any, fmt: str) -> Path:
         chosen = _by_name(names, str(wanted))
         if chosen is None:
             held = ", ".join(name for name, _ in names[:20])
-            raise RunError(f"file {wanted!r} is not in the archive; it holds: {held}",
-                           "download_failed")
+            raise RunError(
+                f"file {wanted!r} is not in the archive; it holds: {held}", "download_failed"
+            )
     else:
         chosen = _by_format(names, files, fmt)
     if chosen.suffix.lower() == ".shp" and chosen.is_file():
@@ -287,15 +295,19 @@ def _by_format(names: list[tuple[str, Path]], files: list[Path], fmt: str) -> Pa
     if suffixes is None:
         if len(files) == 1:
             return files[0]
-        raise RunError(f"cannot pick a file for format {fmt!r} among {len(files)} members; "
-                       "the conform needs a 'file'", "unknown_format")
+        raise RunError(
+            f"cannot pick a file for format {fmt!r} among {len(files)} members; "
+            "the conform needs a 'file'",
+            "unknown_format",
+        )
     for suffix in suffixes:
         for name, path in names:
             if name.endswith(suffix) and (path.is_dir() == (suffix == ".gdb")):
                 return path
     held = ", ".join(name for name, _ in names[:20])
-    raise RunError(f"no {fmt} file ({', '.join(suffixes)}) in the archive; it holds: {held}",
-                   "unknown_format")
+    raise RunError(
+        f"no {fmt} file ({', '.join(suffixes)}) in the archive; it holds: {held}", "unknown_format"
+    )
 
 
 def _with_siblings(shp: Path) -> Path:

@@ -91,8 +91,9 @@ def test_conditional_get_gives_not_modified(server: DataServer, tmp_path: Path) 
     first = get(url, tmp_path / "1")
     assert (first.etag, first.last_modified) == ('"v1"', stamp)
 
-    earlier = Conditional(etag=first.etag, last_modified=first.last_modified,
-                          fingerprint=first.fingerprint)
+    earlier = Conditional(
+        etag=first.etag, last_modified=first.last_modified, fingerprint=first.fingerprint
+    )
     second = get(url, tmp_path / "2", conditional=earlier)
     assert second.not_modified
     assert second.fingerprint == first.fingerprint
@@ -101,9 +102,7 @@ def test_conditional_get_gives_not_modified(server: DataServer, tmp_path: Path) 
     assert sent["If-None-Match"] == '"v1"' and sent["If-Modified-Since"] == stamp
 
 
-def test_changed_file_is_downloaded_despite_conditional(
-    server: DataServer, tmp_path: Path
-) -> None:
+def test_changed_file_is_downloaded_despite_conditional(server: DataServer, tmp_path: Path) -> None:
     url = server.add("/changed.csv", b"new\n", etag='"v2"')
     got = get(url, tmp_path, conditional=Conditional('"v1"', None, "old"))
     assert not got.not_modified and got.path.read_bytes() == b"new\n" and got.etag == '"v2"'
