@@ -41,6 +41,10 @@ _SHAPEFILE_FORMATS = frozenset({"shapefile", "shapefile-polygon"})
 #: ``str(float)`` switches to exponent notation from 1e16; below it an integral float is
 #: printed as its integer followed by ``.0``, which Arrow can build without a Python loop.
 _PLAIN_FLOAT_LIMIT = 1e16
+#: Between these magnitudes Arrow's float-to-text cast prints fractional values exactly as
+#: ``str(float)`` does (checked on random values); outside it uses exponents differently.
+_ARROW_AGREES_FROM = 1e-3
+_ARROW_AGREES_BELOW = 1e9
 
 _OGR_ERRORS: tuple[type[Exception], ...] = (
     pyogrio.errors.DataSourceError,
@@ -200,24 +204,33 @@ def to_strings(column: pa.Array) -> pa.Array:
 
 
 def _floats_to_strings(column: pa.Array) -> pa.Array:
-    """Reals as Python's ``str(float)`` prints them: ``12.0``, ``12.5``, ``1e+16``."""
+    """Reals as Python's ``str(float)`` prints them: ``12.0``, ``12.5``, ``1e+16``.
+
+    Three vectorised cases cover nearly every value; a Python loop handles the rest:
+    integral values (integer text plus ``.0``), fractional values in
+    [``_ARROW_AGREES_FROM``, ``_ARROW_AGREES_BELOW``) where Arrow's shortest round-trip text
+    is character for character Python's, and float32 columns, which Arrow prints as the
+    shortest float32 text (Python would print the float64 noise, 12.300000190734863).
+    """
     values = column.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
     valid = column.is_valid().to_numpy(zero_copy_only=False)
-    integral = np.isfinite(values) & (np.abs(values) < _PLAIN_FLOAT_LIMIT)
+    magnitude = np.abs(values)
+    integral = np.isfinite(values) & (magnitude < _PLAIN_FLOAT_LIMIT)
     integral[integral] = np.floor(values[integral]) == values[integral]
     whole = pa.array(np.where(integral, values, 0).astype(np.int64)).cast(pa.string())
-    text = pc.binary_join_element_wise(whole, ".0", "")
-    others = np.flatnonzero(~integral & valid)
-    if others.size:
-        if pa.types.is_float32(column.type):
-            # A float32 printed through float64 grows noise digits (12.300000190734863);
-            # Arrow prints the shortest text that reads back as the same float32.
-            rest = column.take(pa.array(others)).cast(pa.string()).to_pylist()
-        else:
-            rest = [str(v) for v in values[others].tolist()]
-        merged = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
-        merged[others] = rest
-        text = pa.array(merged, pa.string())
+    text = pc.if_else(
+        pa.array(integral),
+        pc.binary_join_element_wise(whole, ".0", ""),
+        column.cast(pa.string()),
+    )
+    if not pa.types.is_float32(column.type):
+        with np.errstate(invalid="ignore"):
+            arrow_agrees = (magnitude >= _ARROW_AGREES_FROM) & (magnitude < _ARROW_AGREES_BELOW)
+        others = np.flatnonzero(valid & ~integral & ~arrow_agrees)
+        if others.size:
+            merged = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+            merged[others] = [str(v) for v in values[others].tolist()]
+            text = pa.array(merged, pa.string())
     if column.null_count:
         text = pc.if_else(column.is_valid(), text, pa.scalar(None, pa.string()))
     return text
