@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -46,6 +46,10 @@ FORMAT_SUFFIXES: dict[str, tuple[str, ...]] = {
     "gml": (".gml", ".xml"),
 }
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 @dataclass
@@ -142,7 +146,7 @@ def _safe_member_path(info: zipfile.ZipInfo, archive: Path) -> PurePosixPath | N
     return PurePosixPath(*parts)
 
 
-def _copy_counted(src: IO[bytes], dest: Path, budget: Budget, source: str) -> None:
+def _copy_counted(src: Readable, dest: Path, budget: Budget, source: str) -> None:
     with dest.open("wb") as out:
         while block := src.read(BLOCK_BYTES):
             budget.spend(len(block), source)
