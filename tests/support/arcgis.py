@@ -46,6 +46,8 @@ class FakeLayer:
     ignore_record_count: bool = False
     #: Added to the true count in ``returnCountOnly`` answers (a stale server count).
     count_error: int = 0
+    #: ``maxRecordCount`` in the metadata when it differs from the real limit (a liar).
+    advertised_max_record_count: int | None = None
     #: HTTP statuses answered, one per request, before normal answers.
     failures: list[int] = field(default_factory=list)
 
@@ -83,6 +85,7 @@ class FakeArcGIS(AppServer):
     def build_app(self) -> web.Application:
         app = web.Application()
         base = "/arcgis/rest/services/{name}/FeatureServer/0"
+        app.router.add_route("*", base.removesuffix("/0"), self._service)
         app.router.add_route("*", base, self._metadata)
         app.router.add_route("*", base + "/query", self._query)
         return app
@@ -102,6 +105,10 @@ class FakeArcGIS(AppServer):
             return _error(499, "Token Required")
         return layer, params
 
+    async def _service(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        return _json({"currentVersion": 10.91, "layers": [{"id": 0, "name": "layer"}]})
+
     async def _metadata(self, request: web.Request) -> web.Response:
         got = await self._prologue(request)
         if isinstance(got, web.Response):
@@ -120,7 +127,7 @@ class FakeArcGIS(AppServer):
                 "objectIdField": OID,
                 "fields": fields,
                 "capabilities": "Query",
-                "maxRecordCount": layer.max_record_count,
+                "maxRecordCount": layer.advertised_max_record_count or layer.max_record_count,
                 "advancedQueryCapabilities": {"supportsPagination": layer.supports_pagination},
             }
         )

@@ -358,7 +358,7 @@ class Dumper:
 
     async def by_offset(self, expected: int | None) -> None:
         offset = 0
-        first_oid: Any = None
+        first: Mapping[str, Any] | None = None
         while True:
             params = {
                 **self._query_params(),
@@ -372,10 +372,11 @@ class Dumper:
             features = data.get("features") or []
             if not features:
                 return
-            if offset and first_oid is not None and self._oid(features[0]) == first_oid:
+            # The whole first feature, not just its id: a layer may have no id field.
+            if first is None:
+                first = features[0]
+            elif features[0] == first:
                 raise PagingIgnoredError
-            if not offset:
-                first_oid = self._oid(features[0])
             self.writer.write(features)
             # Advance by what came back: some servers return fewer than asked (their own
             # limit) or more (they ignore resultRecordCount).
@@ -413,13 +414,15 @@ class Dumper:
             pending = chunk
             while pending:
                 got = await self._query_ids(pending)
-                if not got:
-                    log.warning("esri.ids_missing", url=self.client.shown, missing=len(pending))
-                    break
                 self.writer.write(got)
                 returned = {self._oid(f) for f in got}
-                # The server returned less than asked (a lower limit than it reported).
-                pending = [i for i in pending if i not in returned]
+                # The server returned less than asked (a lower limit than it reported): ask
+                # again for the rest, as long as each answer makes progress.
+                rest = [i for i in pending if i not in returned]
+                if len(rest) == len(pending):
+                    log.warning("esri.ids_missing", url=self.client.shown, missing=len(rest))
+                    break
+                pending = rest
 
     async def _query_ids(self, ids: Sequence[int]) -> list[JSON]:
         joined = ",".join(str(i) for i in ids)
@@ -450,6 +453,11 @@ async def dump_async(
     async with make_session(policy, timeouts) as session:
         client = LayerClient(session, url, policy=policy, headers=headers or {}, retry=retry)
         meta = await client.get("", {"f": "json"})
+        if "layers" in meta and "fields" not in meta:
+            raise RunError(
+                f"{client.shown} is a service, not a layer: add the layer number to the URL",
+                "download_failed",
+            )
         layer = Layer.from_metadata(meta, out_fields, max_page_size)
         # Blocking writes of one page at a time; the loop has nothing else to do meanwhile.
         with dest.open("w+b") as out:

@@ -96,6 +96,10 @@ def fetch(
         if is_local_path(url):
             check_url(url, policy)
             return _copy_local(url, workdir, progress)
+        if urlsplit(url).scheme.lower() == "ftp":
+            # Older sources say "http" for any URL; the scheme knows better.
+            protocol = "ftp"
+    if protocol in ("http", "https"):
         return _fetch_http(
             url,
             workdir,
@@ -157,18 +161,23 @@ def _fetch_http(
     retry: Retry,
 ) -> Download:
     part = workdir / (DOWNLOAD_STEM + ".part")
-    got = http.download(
-        url,
-        part,
-        policy=policy,
-        method=_request_method(entry),
-        headers=headers,
-        if_none_match=conditional.etag if conditional else None,
-        if_modified_since=conditional.last_modified if conditional else None,
-        progress=progress,
-        timeouts=timeouts,
-        retry=retry,
-    )
+    try:
+        got = http.download(
+            url,
+            part,
+            policy=policy,
+            method=_request_method(entry),
+            headers=headers,
+            if_none_match=conditional.etag if conditional else None,
+            if_modified_since=conditional.last_modified if conditional else None,
+            progress=progress,
+            timeouts=timeouts,
+            retry=retry,
+        )
+    except RunError:
+        # A half-written body must not be mistaken for a download later.
+        part.unlink(missing_ok=True)
+        raise
     if got.not_modified:
         earlier = conditional.fingerprint if conditional else None
         return Download(part, earlier or "", 0, got.etag, got.last_modified, True, None)

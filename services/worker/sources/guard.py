@@ -14,7 +14,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
@@ -126,7 +126,8 @@ def check_url(url: str, policy: UrlPolicy) -> None:
     if host in LOCAL_NAMES or host.endswith(".localhost"):
         raise RunError(f"refusing {redact(url)!r}: {host} is this machine", "download_failed")
     try:
-        ip = ipaddress.ip_address(host)
+        # An IPv6 zone ("fe80::1%eth0") does not change which address it is.
+        ip = ipaddress.ip_address(unquote(host).split("%", 1)[0])
     except ValueError:
         return
     reason = forbidden_reason(ip)

@@ -226,3 +226,20 @@ def test_unclosed_and_degenerate_rings() -> None:
 def test_wrongly_wound_lone_ring_is_kept() -> None:
     got = to_geojson_geometry({"rings": [HOLE_CCW]})
     assert got is not None and got["type"] == "Polygon" and len(got["coordinates"]) == 1
+
+
+def test_server_returning_fewer_ids_than_asked(arcgis: FakeArcGIS, tmp_path: Path) -> None:
+    layer = FakeLayer(
+        points(5), max_record_count=2, advertised_max_record_count=4, supports_pagination=False
+    )
+    url = arcgis.add_layer("liar", layer)
+    _, features = dump(url, tmp_path)
+    assert oids(features) == [1, 2, 3, 4, 5]
+    chunks = [q["objectIds"] for q in arcgis.queries("liar") if "objectIds" in q]
+    assert chunks == ["1,2,3,4", "3,4", "5"]
+
+
+def test_service_url_instead_of_layer_is_a_clear_error(arcgis: FakeArcGIS, tmp_path: Path) -> None:
+    url = arcgis.layer_url("whatever").removesuffix("/0")
+    with pytest.raises(RunError, match="is a service, not a layer"):
+        dump(url, tmp_path)

@@ -67,3 +67,9 @@ def test_closed_port_is_retried_then_fails(tmp_path: Path) -> None:
     server.stop()
     with pytest.raises(RunError, match="after 2 tries"):
         fetch({"data": url, "protocol": "ftp"}, tmp_path, policy=LOCAL, retry=QUICK, timeouts=SHORT)
+
+
+def test_http_protocol_with_ftp_url_uses_ftp(ftp_server: FtpServer, tmp_path: Path) -> None:
+    entry = {"data": ftp_server.url("pub/addresses.csv"), "protocol": "http"}
+    got = fetch(entry, tmp_path, policy=LOCAL, retry=QUICK, timeouts=SHORT)
+    assert got.path.read_bytes() == BODY

@@ -41,6 +41,7 @@ def test_public_urls_pass(url: str) -> None:
         ("http://169.254.169.254/latest/meta-data", "link-local"),
         ("http://224.0.0.1/a", "multicast"),
         ("http://0.0.0.0/a", "unspecified"),
+        ("http://[fe80::1%25eth0]/a", "link-local"),
         ("http://100.64.0.1/a", "non-global"),
         ("gopher://example.org/a", "scheme"),
         ("file:///etc/passwd", "local files"),
