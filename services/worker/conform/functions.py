@@ -17,10 +17,11 @@ one value at a time. A catastrophic pattern there is stopped by the run's wall-c
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -117,11 +118,23 @@ def _cut_bytes(values: pa.Array, head: np.ndarray, tail: np.ndarray) -> pa.Array
 
 
 # --- regular expressions -------------------------------------------------------------------
+#
+# Python's str patterns are Unicode-aware (\d is any decimal digit, \s any Unicode space, \w
+# any letter or number); RE2's shorthands are ASCII-only, and RE2 with Unicode classes runs
+# ten times slower. So every pattern gets two RE2 translations: an ASCII one, exact for every
+# row without a non-ASCII character the pattern's shorthands could match (the "gate"), and a
+# Unicode one for the few rows that have such a character.
 
-# Python's str patterns are Unicode-aware; RE2's shorthand classes are ASCII-only.
-_SPACE_BODY: Final = r"\x09-\x0d\x1c-\x20\x85\p{Z}"
+_ASCII_SPACE: Final = r"\x09-\x0d\x1c-\x20"  # Python's ASCII whitespace (RE2's \s lacks \v)
+_SPACE_BODY: Final = _ASCII_SPACE + r"\x85\p{Z}"
 _WORD_BODY: Final = r"\p{L}\p{N}_"
-_OUTSIDE_CLASS: Final[dict[str, str]] = {
+_ASCII_OUTSIDE: Final[dict[str, str]] = {
+    "s": f"[{_ASCII_SPACE}]",
+    "S": f"[^{_ASCII_SPACE}]",
+    "Z": r"\z",
+}
+_ASCII_INSIDE: Final[dict[str, str]] = {"s": _ASCII_SPACE}
+_UNICODE_OUTSIDE: Final[dict[str, str]] = {
     "d": r"\p{Nd}",
     "D": r"\P{Nd}",
     "w": f"[{_WORD_BODY}]",
@@ -130,7 +143,7 @@ _OUTSIDE_CLASS: Final[dict[str, str]] = {
     "S": f"[^{_SPACE_BODY}]",
     "Z": r"\z",
 }
-_INSIDE_CLASS: Final[dict[str, str]] = {
+_UNICODE_INSIDE: Final[dict[str, str]] = {
     "d": r"\p{Nd}",
     "D": r"\P{Nd}",
     "w": _WORD_BODY,
@@ -138,85 +151,108 @@ _INSIDE_CLASS: Final[dict[str, str]] = {
 }
 _UNICODE_ESCAPE: Final = re.compile(r"\\u([0-9A-Fa-f]{4})|\\U([0-9A-Fa-f]{8})")
 _OPEN_MIN: Final = re.compile(r"\{,(\d+)\}")
+_SHORTHANDS: Final = frozenset("dDwWsSbB")
 
 
 class _Untranslatable(Exception):
     """The pattern means something RE2 would read differently; run it on Python re."""
 
 
-def _translate_escape(pattern: str, i: int, table: Mapping[str, str]) -> tuple[str, int]:
-    if i + 1 >= len(pattern):
-        raise _Untranslatable
-    letter = pattern[i + 1]
-    if letter in table:
-        return table[letter], i + 2
-    if letter.isdigit() or letter in "NSW":
-        # back-references, octal escapes, \N{name}, and negated classes inside a set
-        raise _Untranslatable
-    unicode = _UNICODE_ESCAPE.match(pattern, i)
-    if unicode:
-        return "\\x{" + (unicode.group(1) or unicode.group(2)) + "}", unicode.end()
-    return pattern[i : i + 2], i + 2
+@dataclass
+class _Translation:
+    outside: Mapping[str, str]
+    inside: Mapping[str, str]
+    parts: list[str] = field(default_factory=list)
+    groups: int = 0
+    shorthands: set[str] = field(default_factory=set)
 
+    def escape(self, pattern: str, i: int, in_set: bool) -> int:
+        if i + 1 >= len(pattern):
+            raise _Untranslatable
+        letter = pattern[i + 1]
+        if letter in _SHORTHANDS:
+            self.shorthands.add(letter)
+        table = self.inside if in_set else self.outside
+        if letter in table:
+            self.parts.append(table[letter])
+            return i + 2
+        if letter.isdigit() or letter == "N" or (in_set and letter in "SW"):
+            # back-references, octal escapes, \N{name}; negated classes nested in a set
+            raise _Untranslatable
+        unicode = _UNICODE_ESCAPE.match(pattern, i)
+        if unicode:
+            self.parts.append("\\x{" + (unicode.group(1) or unicode.group(2)) + "}")
+            return unicode.end()
+        self.parts.append(pattern[i : i + 2])
+        return i + 2
 
-def _translate_set(pattern: str, i: int) -> tuple[str, int]:
-    parts = ["["]
-    i += 1
-    if pattern.startswith("^", i):
-        parts.append("^")
+    def charset(self, pattern: str, i: int) -> int:
+        self.parts.append("[")
         i += 1
-    if pattern.startswith("]", i):
-        parts.append(r"\]")
-        i += 1
-    while i < len(pattern) and pattern[i] != "]":
-        if pattern[i] == "\\":
-            text, i = _translate_escape(pattern, i, _INSIDE_CLASS)
-            parts.append(text)
-        elif pattern[i] == "[":
-            parts.append(r"\[")  # Python has no [:alpha:] classes; RE2 would read one
+        if pattern.startswith("^", i):
+            self.parts.append("^")
             i += 1
+        if pattern.startswith("]", i):
+            self.parts.append(r"\]")
+            i += 1
+        while i < len(pattern) and pattern[i] != "]":
+            if pattern[i] == "\\":
+                i = self.escape(pattern, i, in_set=True)
+            else:
+                # Python has no [:alpha:] classes; RE2 would read one, so "[" is escaped.
+                self.parts.append(r"\[" if pattern[i] == "[" else pattern[i])
+                i += 1
+        if i >= len(pattern):
+            raise _Untranslatable
+        self.parts.append("]")
+        return i + 1
+
+    def run(self, pattern: str) -> str:
+        """RE2 syntax, every capturing group named ``g1``, ``g2``... (extract_regex needs names)."""
+        i = 0
+        while i < len(pattern):
+            char = pattern[i]
+            bound = _OPEN_MIN.match(pattern, i) if char == "{" else None
+            if char == "\\":
+                i = self.escape(pattern, i, in_set=False)
+            elif char == "[":
+                i = self.charset(pattern, i)
+            elif char == "(" and (pattern.startswith("(?P<", i) or not pattern.startswith("(?", i)):
+                self.groups += 1
+                self.parts.append(f"(?P<g{self.groups}>")
+                i = pattern.index(">", i) + 1 if pattern.startswith("(?P<", i) else i + 1
+            elif bound:
+                self.parts.append("{0," + bound.group(1) + "}")  # Python's {,n}; RE2: literal
+                i = bound.end()
+            else:
+                self.parts.append(char)
+                i += 1
+        return "".join(self.parts)
+
+
+def _code_point_class(test: Callable[[str], bool]) -> str:
+    """An RE2 class of the non-ASCII code points passing ``test``."""
+    points = [c for c in range(0x80, 0x110000) if test(chr(c))]
+    ranges: list[tuple[int, int]] = []
+    for point in points:
+        if ranges and ranges[-1][1] == point - 1:
+            ranges[-1] = (ranges[-1][0], point)
         else:
-            parts.append(pattern[i])
-            i += 1
-    if i >= len(pattern):
-        raise _Untranslatable
-    parts.append("]")
-    return "".join(parts), i + 1
+            ranges.append((point, point))
+    return "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges)
 
 
-def _translate(pattern: str) -> tuple[str, int]:
-    """Python regex syntax to RE2 syntax with every capturing group named ``g1``, ``g2``, ...
-
-    Named groups are what Arrow's extract_regex needs; numbering is unchanged.
-    """
-    out: list[str] = []
-    group = 0
-    i = 0
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "\\":
-            text, i = _translate_escape(pattern, i, _OUTSIDE_CLASS)
-            out.append(text)
-        elif char == "[":
-            text, i = _translate_set(pattern, i)
-            out.append(text)
-        elif char == "(" and pattern.startswith("(?P<", i):
-            group += 1
-            out.append(f"(?P<g{group}>")
-            i = pattern.index(">", i) + 1
-        elif char == "(" and not pattern.startswith("(?", i):
-            group += 1
-            out.append(f"(?P<g{group}>")
-            i += 1
-        elif char == "{" and _OPEN_MIN.match(pattern, i):
-            bound = _OPEN_MIN.match(pattern, i)
-            assert bound is not None
-            out.append("{0," + bound.group(1) + "}")  # Python reads {,n} as {0,n}, RE2 literally
-            i = bound.end()
-        else:
-            out.append(char)
-            i += 1
-    return "".join(out), group
+@functools.cache
+def _gate(kinds: frozenset[str]) -> str:
+    """A class of the characters on which Python and RE2's ASCII shorthands may disagree."""
+    if kinds & set("wWbB"):
+        return r"[^\x00-\x7f]"
+    body = ""
+    if kinds & set("dD"):
+        body += _code_point_class(str.isdecimal)
+    if kinds & set("sS"):
+        body += _code_point_class(str.isspace)
+    return f"[{body}]"
 
 
 def _re2_accepts(pattern: str) -> bool:
@@ -289,10 +325,15 @@ def _parse_template(text: str, regex: re.Pattern[str], where: str) -> _Template:
     return _Template(tuple(p for p in parts if p != ""))
 
 
+Kernel = Callable[[pa.Array, str], list[pa.Array]]
+
+
 @dataclass(frozen=True)
 class _Regex:
     python: re.Pattern[str]
-    re2: str | None  #: None: RE2 cannot run it faithfully, use Python per value
+    ascii: str | None  #: None: RE2 cannot run it faithfully, use Python per value
+    unicode: str | None  #: for the rows the gate picks; None: Python per value for those
+    gate: str | None  #: rows needing Unicode semantics; None: the ASCII pattern fits all rows
 
     @classmethod
     def compile(cls, pattern: str, where: str) -> _Regex:
@@ -300,51 +341,87 @@ class _Regex:
             python = re.compile(pattern)
         except re.error as exc:
             raise _fail(where, f"pattern {pattern!r} does not compile: {exc}") from None
-        re2: str | None
+        ascii_, shorthands = cls._to_re2(pattern, python, _ASCII_OUTSIDE, _ASCII_INSIDE)
+        if ascii_ is None:
+            return cls(python, None, None, None)
+        if not shorthands:
+            return cls(python, ascii_, None, None)
+        unicode, _ = cls._to_re2(pattern, python, _UNICODE_OUTSIDE, _UNICODE_INSIDE)
+        return cls(python, ascii_, unicode, _gate(frozenset(shorthands)))
+
+    @staticmethod
+    def _to_re2(
+        pattern: str, python: re.Pattern[str], outside: Mapping[str, str], inside: Mapping[str, str]
+    ) -> tuple[str | None, set[str]]:
+        translation = _Translation(outside, inside)
         try:
-            re2, groups = _translate(pattern)
+            text = translation.run(pattern)
         except _Untranslatable:
-            re2, groups = None, python.groups
-        if groups != python.groups:
-            re2 = None  # our reading of the pattern disagrees with Python's: trust Python
-        if re2 is not None and python.groups == 0:
-            re2 = f"(?P<g0>{re2})"  # no groups: the whole match is the value
-        if re2 is not None and not _re2_accepts(re2):
-            re2 = None
-        return cls(python, re2)
+            return None, set()
+        if translation.groups != python.groups:
+            return None, set()  # our reading of the pattern disagrees with Python's
+        if python.groups == 0:
+            text = f"(?P<g0>{text})"  # no groups: the whole match is the value
+        return (text if _re2_accepts(text) else None), translation.shorthands
+
+    def _run(self, values: pa.Array, kernel: Kernel, python: Kernel) -> list[pa.Array]:
+        values = _text(values)
+        if self.ascii is None:
+            return python(values, "")
+        if self.gate is None:
+            return kernel(values, self.ascii)
+        unicode_rows = pc.match_substring_regex(values, self.gate)
+        if not pc.any(unicode_rows).as_py():
+            return kernel(values, self.ascii)
+        subset = values.filter(unicode_rows)
+        redone = kernel(subset, self.unicode) if self.unicode else python(subset, "")
+        return [
+            pc.replace_with_mask(whole, unicode_rows, part)
+            for whole, part in zip(kernel(values, self.ascii), redone, strict=True)
+        ]
+
+    def groups(self, values: pa.Array) -> list[pa.Array]:
+        """Each group of the first match ('' when it took no part or nothing matched)."""
+
+        def kernel(texts: pa.Array, pattern: str) -> list[pa.Array]:
+            found = pc.extract_regex(texts, pattern).flatten()  # no match: null in every group
+            return [pc.fill_null(g, "") for g in found]
+
+        def python(texts: pa.Array, _: str) -> list[pa.Array]:
+            matches = [self.python.search(t) for t in texts.to_pylist()]
+            count = max(self.python.groups, 1)
+            return [
+                pa.array(
+                    [
+                        ((m.group(n) or "") if self.python.groups else m.group(0)) if m else ""
+                        for m in matches
+                    ],
+                    pa.string(),
+                )
+                for n in range(1, count + 1)
+            ]
+
+        return self._run(values, kernel, python)
 
     def search(self, values: pa.Array) -> pa.Array:
         """Concatenated groups of the first match (the whole match without groups), or ''."""
-        if self.re2 is None:
-            return self._search_python(values)
-        found = pc.extract_regex(_text(values), self.re2)
-        groups = found.flatten()  # parent nulls (no match) carried into every group
-        joined = groups[0] if len(groups) == 1 else pc.binary_join_element_wise(*groups, "")
-        return pc.fill_null(joined, "")
+        groups = self.groups(values)
+        return groups[0] if len(groups) == 1 else pc.binary_join_element_wise(*groups, "")
 
     def substitute(self, values: pa.Array, template: _Template) -> pa.Array:
         """Every match replaced (``re.sub``); values without a match stay as they are."""
-        rewrite = template.rewrite() if self.re2 is not None else None
-        if rewrite is None:
-            return self._substitute_python(values, template)
-        return pc.replace_substring_regex(_text(values), self.re2, rewrite)
+        rewrite = template.rewrite()
 
-    def _search_python(self, values: pa.Array) -> pa.Array:
-        pattern = self.python
+        def kernel(texts: pa.Array, pattern: str) -> list[pa.Array]:
+            if rewrite is None:
+                return python(texts, pattern)
+            return [pc.replace_substring_regex(texts, pattern, rewrite)]
 
-        def one(text: str) -> str:
-            match = pattern.search(text)
-            if match is None:
-                return ""
-            if pattern.groups == 0:
-                return match.group(0)
-            return "".join(g or "" for g in match.groups())
+        def python(texts: pa.Array, _: str) -> list[pa.Array]:
+            subbed = [self.python.sub(template.expand, t) for t in texts.to_pylist()]
+            return [pa.array(subbed, pa.string())]
 
-        return pa.array([one(t) for t in _text(values).to_pylist()], pa.string())
-
-    def _substitute_python(self, values: pa.Array, template: _Template) -> pa.Array:
-        texts = _text(values).to_pylist()
-        return pa.array([self.python.sub(template.expand, t) for t in texts], pa.string())
+        return self._run(values, kernel, python)[0]
 
 
 # House numbers at the start of a value, as the reference recognises them: digits with an
@@ -353,8 +430,8 @@ class _Regex:
 # source pattern so \d and \s keep their Unicode meaning.
 _HOUSE_NUMBER: Final = r"\d+(?:[ -]\d/\d)?|\d+-\d+|\d+-?[A-Z]"
 _UNIT_WORDS: Final = r"(?:UNIT|APARTMENT|APT\.?|SUITE|STE\.?|BUILDING|BLDG\.?|LOT)\s+|#"
-_PREFIXED_NUMBER: Final = rf"(?i)^\s*({_HOUSE_NUMBER})\s+"
-_POSTFIXED_STREET: Final = rf"(?i)^(?:\s*(?:{_HOUSE_NUMBER})\s+)?(.*)"
+#: Group 1: the prefixed number (reference prefixed_number); group 2: the rest (postfixed_street).
+_NUMBER_AND_STREET: Final = rf"(?i)^(?:\s*({_HOUSE_NUMBER})\s+)?(.*)"
 _POSTFIXED_STREET_UNITS: Final = (
     rf"(?i)^(?:\s*(?:{_HOUSE_NUMBER})\s+)?(.+?)(?:\s+(?:{_UNIT_WORDS}).+)?$"
 )
@@ -371,6 +448,8 @@ class _Env:
         self.batch = batch
         self.length: int = batch.num_rows
         self.variables: dict[str, pa.Array] = {}
+        #: Results shared between specs within this batch, keyed by (pattern, column).
+        self.cache: dict[tuple[str, str], list[pa.Array]] = {}
         self._names = set(batch.schema.names)
 
     def column(self, name: str) -> pa.Array:
@@ -386,6 +465,7 @@ class _Env:
 
 
 Step = Callable[[_Env], pa.Array]
+_Compiler = Callable[[Mapping[str, Any], "_Scope", str], Step]
 
 
 def _variable_key(name: str) -> str:
@@ -398,6 +478,12 @@ class _Scope:
     def __init__(self, resolver: FieldResolver) -> None:
         self.resolver = resolver
         self.variables: set[str] = set()
+
+    def column_of(self, name: str) -> str | None:
+        """The column ``name`` reads, or None when it reads a variable."""
+        if name.casefold() in self.variables:
+            return None
+        return self.resolver.find(name)
 
     def reader(self, name: Any, where: str) -> Step:
         if not isinstance(name, str):
@@ -470,11 +556,33 @@ def _compile_regexp(spec: Mapping[str, Any], scope: _Scope, where: str) -> Step:
     return lambda env: regex.substitute(read(env), template)
 
 
-def _compile_builtin_regex(pattern: str) -> Callable[[Mapping[str, Any], _Scope, str], Step]:
+@functools.cache
+def _builtin(pattern: str) -> _Regex:
+    return _Regex.compile(pattern, "built-in pattern")
+
+
+def _compile_builtin(pattern: str, group: int) -> _Compiler:
+    """A function reading one group of a built-in pattern.
+
+    prefixed_number and postfixed_street are groups of one pattern; when both read the same
+    column, the regex runs once per batch (Env.cache) instead of twice.
+    """
+
     def compile_(spec: Mapping[str, Any], scope: _Scope, where: str) -> Step:
-        read = scope.reader(_required(spec, "field", str, where), where)
-        regex = _Regex.compile(pattern, where)
-        return lambda env: regex.search(read(env))
+        name = _required(spec, "field", str, where)
+        read = scope.reader(name, where)
+        column = scope.column_of(name)
+        regex = _builtin(pattern)
+
+        def step(env: _Env) -> pa.Array:
+            if column is None:  # a variable changes between steps: nothing to share
+                return regex.groups(read(env))[group]
+            key = (pattern, column)
+            if key not in env.cache:
+                env.cache[key] = regex.groups(read(env))
+            return env.cache[key][group]
+
+        return step
 
     return compile_
 
@@ -483,8 +591,9 @@ def _compile_postfixed_street(spec: Mapping[str, Any], scope: _Scope, where: str
     units = spec.get("may_contain_units", False)
     if not isinstance(units, bool):
         raise _fail(where, f"'may_contain_units' must be true or false: {units!r}")
-    pattern = _POSTFIXED_STREET_UNITS if units else _POSTFIXED_STREET
-    return _compile_builtin_regex(pattern)(spec, scope, where)
+    if units:
+        return _compile_builtin(_POSTFIXED_STREET_UNITS, 0)(spec, scope, where)
+    return _compile_builtin(_NUMBER_AND_STREET, 1)(spec, scope, where)
 
 
 @dataclass(frozen=True)
@@ -534,7 +643,7 @@ def _compile_format(spec: Mapping[str, Any], scope: _Scope, where: str) -> Step:
     return step
 
 
-def _compile_remove_affix(at_end: bool) -> Callable[[Mapping[str, Any], _Scope, str], Step]:
+def _compile_remove_affix(at_end: bool) -> _Compiler:
     def compile_(spec: Mapping[str, Any], scope: _Scope, where: str) -> Step:
         read = scope.reader(_required(spec, "field", str, where), where)
         read_affix = scope.reader(_required(spec, "field_to_remove", str, where), where)
@@ -665,15 +774,13 @@ def _compile_chain(spec: Mapping[str, Any], scope: _Scope, where: str) -> Step:
     return step
 
 
-_Compiler = Callable[[Mapping[str, Any], _Scope, str], Step]
-
 _FUNCTIONS: Final[dict[str, _Compiler]] = {
     "join": _compile_join,
     "regexp": _compile_regexp,
     "format": _compile_format,
-    "prefixed_number": _compile_builtin_regex(_PREFIXED_NUMBER),
+    "prefixed_number": _compile_builtin(_NUMBER_AND_STREET, 0),
     "postfixed_street": _compile_postfixed_street,
-    "postfixed_unit": _compile_builtin_regex(_POSTFIXED_UNIT),
+    "postfixed_unit": _compile_builtin(_POSTFIXED_UNIT, 0),
     "remove_prefix": _compile_remove_affix(at_end=False),
     "remove_postfix": _compile_remove_affix(at_end=True),
     "first_non_empty": _compile_first_non_empty,
