@@ -25,7 +25,6 @@ from services.worker.sources.guard import (
     UrlPolicy,
     check_url,
     connector_kwargs,
-    is_local_path,
     redact,
 )
 
@@ -116,10 +115,13 @@ def _next_hop(response: aiohttp.ClientResponse, url: str) -> str | None:
     location = response.headers.get("Location")
     if response.status not in REDIRECT_STATUSES or not location:
         return None
-    target = str(URL(url).join(URL(location)))
-    if is_local_path(target):
-        raise RunError(f"{redact(url)} redirected to a local path", "download_failed")
-    return target
+    target = URL(url).join(URL(location))
+    if target.scheme not in ("http", "https"):
+        # Not even file:// with allow_files: a server must not choose what we read locally.
+        raise RunError(
+            f"{redact(url)} redirected to a {target.scheme or 'local'} URL", "download_failed"
+        )
+    return str(target)
 
 
 @asynccontextmanager

@@ -163,3 +163,10 @@ def test_unknown_protocol(tmp_path: Path) -> None:
     with pytest.raises(RunError) as caught:
         fetch({"data": "gopher://x/y", "protocol": "gopher"}, tmp_path, policy=LOCAL)
     assert caught.value.problem == "unknown_protocol"
+
+
+def test_redirect_to_a_file_url_is_refused(server: DataServer, tmp_path: Path) -> None:
+    url = server.add("/sneaky.csv", redirect_to="file:///etc/passwd")
+    with pytest.raises(RunError, match="redirected to a file URL"):
+        get(url, tmp_path, policy=UrlPolicy(allow_private=True, allow_files=True))
+    assert not list(tmp_path.glob("download*"))
