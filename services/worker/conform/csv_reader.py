@@ -81,16 +81,23 @@ class Utf8Recoder(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        # Fill the whole buffer unless the file ends: Arrow takes one short read as a whole
+        # block, and a block smaller than a row fails with "straddling object".
         view = memoryview(buffer).cast("B")
-        while not self._pending and not self._eof:
-            chunk = self._raw.read(_RECODE_CHUNK_BYTES)
-            self._eof = not chunk
-            text = self._decoder.decode(chunk, final=self._eof)
-            self._pending = text.encode("utf-8")
-        size = min(len(view), len(self._pending))
-        view[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
+        filled = 0
+        while filled < len(view):
+            if not self._pending:
+                if self._eof:
+                    break
+                chunk = self._raw.read(_RECODE_CHUNK_BYTES)
+                self._eof = not chunk
+                self._pending = self._decoder.decode(chunk, final=self._eof).encode("utf-8")
+                continue
+            size = min(len(view) - filled, len(self._pending))
+            view[filled : filled + size] = self._pending[:size]
+            self._pending = self._pending[size:]
+            filled += size
+        return filled
 
     def close(self) -> None:
         self._raw.close()

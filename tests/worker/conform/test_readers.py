@@ -16,6 +16,7 @@ from pyogrio.raw import write_arrow
 
 from services.worker.conform.csv_reader import CsvReader
 from services.worker.conform.geometry import lonlat_from_wkb, source_crs
+from services.worker.conform.ogr_reader import to_strings
 from services.worker.conform.readers import GEOMETRY_COLUMN, Reader, open_reader
 from services.worker.errors import RunError
 
@@ -419,3 +420,38 @@ def test_unknown_encoding_fails_the_conform(tmp_path: Path) -> None:
 def test_layers_listed_by_pyogrio_match_what_we_wrote(two_layer_gpkg: Path) -> None:
     # Guards the fixture itself: two layers, in this order.
     assert [str(n) for n in pyogrio.list_layers(two_layer_gpkg)[:, 0]] == ["parcels", "addresses"]
+
+
+def test_restarts_mid_file_neither_repeat_nor_lose_rows(tmp_path: Path) -> None:
+    # 3 MiB of ordinary rows, then a bad row, a 5 MiB cell and a Latin-1 byte: the reader has
+    # to reopen the file twice (bigger block, then lenient decoding) after handing out rows.
+    lines = [f"{i},street {i}" for i in range(150_000)]
+    body = "\n".join(lines).encode()
+    tail = b"\nbad,row,here\n150000," + b"y" * (5 << 20) + b"\n150001,Stra\xdfe\n"
+    path = tmp_path / "restart.csv"
+    path.write_bytes(b"n,street\n" + body + tail)
+    with open_reader(path, {"format": "csv"}) as reader:
+        numbers: list[str] = []
+        last: list[str] = []
+        for batch in reader.batches():
+            numbers.extend(batch.column("n").to_pylist())
+            last = batch.column("street").to_pylist()
+        assert isinstance(reader, CsvReader)
+        assert reader.skipped_rows == 1
+    assert numbers == [str(i) for i in range(150_002)]
+    assert last[-1] == "Stra\ufffde"
+
+
+def test_reals_read_from_ogr_print_like_python() -> None:
+    rng = np.random.default_rng(11)
+    values = np.concatenate(
+        [
+            rng.uniform(-1, 1, 5000) * 10.0 ** rng.integers(-8, 18, 5000),
+            np.round(rng.uniform(-1e6, 1e6, 1000)),
+            [0.0, 1e16, 1e-5, 123456789012.5, np.nan, np.inf],
+        ]
+    )
+    text = to_strings(pa.array(values)).to_pylist()
+    assert text == [str(v) for v in values.tolist()]
+    assert to_strings(pa.array([12.3, None], pa.float32())).to_pylist() == ["12.3", None]
+    assert to_strings(pa.array([True, None, False])).to_pylist() == ["1", None, "0"]
