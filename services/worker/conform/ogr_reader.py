@@ -126,7 +126,7 @@ class OgrReader:
         return RunError(f"{message}: {exc}", "conform_failed")
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        """Yield batches of strings plus ``__geometry__`` WKB, in file order."""
+        """Yield batches of strings plus ``__geometry__`` WKB, in file order (one pass only)."""
         features_read = 0
         while True:
             try:
