@@ -67,6 +67,21 @@ class Message(BaseModel):
     sent_at: datetime = Field(default_factory=utcnow)
 
 
+class PreviousRun(BaseModel):
+    """What a new run needs of an earlier successful run of the same entry to reuse it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: int
+    fingerprint: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    #: Output name to storage key, as in that run's `done`.
+    outputs: dict[str, str] = Field(default_factory=dict)
+    #: That run's ``index.json``.
+    state: dict[str, Any] = Field(default_factory=dict)
+
+
 class Task(Message):
     """Process one run: one layer entry of one source at one commit.
 
@@ -86,6 +101,9 @@ class Task(Message):
     source: dict[str, Any]
     #: Wall-clock limit for the run, from the source's `timeout` (hours) or the default.
     timeout_s: float | None = Field(default=None, gt=0)
+    #: The latest successful run of the same, unchanged entry: its data is fetched
+    #: conditionally and, if unchanged, its outputs are reused.
+    previous: PreviousRun | None = None
 
 
 class Done(Message):

@@ -211,3 +211,36 @@ async def test_source_whose_data_is_missing_fails_its_run_and_the_job(
         "SELECT count(*) FROM runs WHERE job_id = $1 AND status = 'success'", job_id) == 2
     assert github.states(sha) == ["pending", "failure"]
     assert "1 failed" in github.statuses[-1].description
+
+
+async def test_unchanged_entry_and_data_reuse_the_earlier_run(
+    e2e_settings: Settings, github: GitHubStandIn, data: DataServer, db_pool: asyncpg.Pool
+) -> None:
+    url = data.add("/lane.csv", LANE_CSV, content_type="text/csv", etag='"v1"')
+    path = "sources/us/ks/lane_county.json"
+    source = source_json(url, {"number": "NUM", "street": "STR", "lon": "LON", "lat": "LAT"})
+    first_sha, second_sha = new_sha(), new_sha()
+    github.add_file(REPO, path, first_sha, source)
+    github.add_file(REPO, path, second_sha, source)
+    async with running_system(e2e_settings) as system:
+        for sha in (first_sha, second_sha):
+            body = push_body([path], sha)
+            response = await system.client.post("/hook", data=body,
+                                                headers=signed_headers(body, SECRET))
+            job_id = (await response.json())["job"]
+
+            async def job_final(job_id: int = job_id) -> bool:
+                return await db_pool.fetchval(
+                    "SELECT status FROM jobs WHERE id = $1", job_id) is not None
+
+            await wait_for(job_final, what=f"job {job_id}")
+        first, second = await db_pool.fetch("SELECT * FROM runs ORDER BY id")
+        assert first["status"] == second["status"] == "success"
+        assert second["state"]["reused from"] == first["id"]
+        assert second["state"]["feature count"] == 2
+        # The second run asked conditionally and kept the first run's outputs.
+        conditional = [r for r in data.requests if r.path == "/lane.csv"][-1]
+        assert conditional.headers.get("If-None-Match") == '"v1"'
+        assert second["outputs"]["out.csv"] == first["outputs"]["out.csv"]
+        assert second["outputs"]["index.json"] == f"runs/{second['id']}/index.json"
+        assert b"12,Main St" in await system.storage.get_bytes(second["outputs"]["out.csv"])

@@ -24,7 +24,9 @@ async def settle_done(pool: asyncpg.Pool, done: Done, public_base_url: str) -> b
             """
             UPDATE runs SET status = $2, source_problem = $3, error = $4, outputs = $5,
                    state = $6, worker = $7, attempt = greatest(attempt, $8),
-                   started_at = coalesce(started_at, $9, $10), finished_at = $10
+                   started_at = coalesce(started_at, $9, $10), finished_at = $10,
+                   fingerprint = $6::jsonb ->> 'fingerprint', etag = $6::jsonb ->> 'etag',
+                   last_modified = $6::jsonb ->> 'last modified'
             WHERE id = $1 AND status IS NULL
             RETURNING job_id
             """,

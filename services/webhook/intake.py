@@ -21,7 +21,7 @@ from shared.errors import GitHubError, SourceError
 from shared.github import GitHub
 from shared.jobs import job_url, queue_status, send_statuses, settle_job
 from shared.logging import get_logger
-from shared.messages import EXCHANGE_TASKS, ROUTE_TASK, Task
+from shared.messages import EXCHANGE_TASKS, ROUTE_TASK, PreviousRun, Task
 from shared.sources import entry_timeout_s, get_entry, list_entries, load_source
 from services.webhook.events import PushEvent
 
@@ -186,6 +186,7 @@ async def publish_unqueued(
             run_id=row["id"], job_id=job_id, attempt=row["attempt"],
             source_path=row["source_path"], layer=row["layer"], entry_name=row["entry_name"],
             commit_sha=row["commit_sha"], source=row["source"], timeout_s=timeout_s,
+            previous=await previous_run(pool, row["source_path"], row["layer"], entry),
         )
         await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, task)
         # The deadline starts when a worker takes the run (its first heartbeat), not here:
@@ -194,3 +195,34 @@ async def publish_unqueued(
         log.info("run.queued", run_id=row["id"], job_id=job_id, source=row["source_path"],
                  layer=row["layer"], entry=row["entry_name"])
     return len(rows)
+
+
+async def previous_run(
+    pool: asyncpg.Pool, source_path: str, layer: str, entry: dict[str, Any]
+) -> PreviousRun | None:
+    """The latest successful run of this entry if the entry is unchanged since, else None.
+
+    Only an identical entry qualifies: a changed conform must be re-run even on the same data.
+    """
+    row = await pool.fetchrow(
+        """
+        SELECT id, source, entry_name, outputs, state, fingerprint, etag, last_modified
+        FROM runs
+        WHERE source_path = $1 AND layer = $2 AND entry_name = $3 AND status = 'success'
+        ORDER BY finished_at DESC LIMIT 1
+        """,
+        source_path, layer, entry["name"],
+    )
+    if row is None or row["source"] is None:
+        return None
+    try:
+        earlier = get_entry(row["source"], layer, row["entry_name"])
+    except SourceError:
+        return None
+    if earlier != entry:
+        return None
+    return PreviousRun(
+        run_id=row["id"], fingerprint=row["fingerprint"], etag=row["etag"],
+        last_modified=row["last_modified"], outputs=row["outputs"], state=row["state"],
+    )
+

@@ -73,12 +73,17 @@ class Worker:
                 entry_name=task.entry_name, outdir=str(outdir), workdir=str(workdir / "tmp"),
                 allow_files=False, allow_private=self.settings.allow_private_urls,
                 max_unpacked_bytes=self.settings.max_unpacked_bytes,
+                previous=task.previous.model_dump() if task.previous else None,
             )
             try:
                 state = await run_isolated(
                     request, Limits(timeout_s, self.settings.run_memory_bytes)
                 )
                 outputs = await self._upload(task.run_id, outdir)
+                if state.reused_from is not None and task.previous is not None:
+                    # Unchanged data: the earlier run's files stand; this run adds its own
+                    # state and log.
+                    outputs = {**task.previous.outputs, **outputs}
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             done = _done_message(task, self.name, state, outputs, started_at)

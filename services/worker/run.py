@@ -59,15 +59,13 @@ def run_entry(request: RunRequest) -> RunState:
             raise RunError("the source entry has no conform section", "missing_conform")
         _acceptance(state, entry)
         download = _download(request, entry, conform, workdir, state)
-        if download.not_modified and request.previous:
+        if request.previous and (download.not_modified or _same_data(request.previous, download)):
             return _reused(state, request.previous, download)
         _keep_cache(download, outdir, state)
         data_path = unpack(
             download.path, conform, workdir / "unpacked",
             compression=entry.get("compression"), max_unpacked_bytes=request.max_unpacked_bytes,
         )
-        if request.previous and _same_data(request.previous, download):
-            return _reused(state, request.previous, download)
         summary = _conform(request, conform, data_path, outdir, state)
         if summary.feature_count == 0:
             raise RunError("the data has no features with usable coordinates", "no_features")
