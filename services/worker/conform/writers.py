@@ -412,7 +412,7 @@ class OutputWriter:
         self._layer = layer
         self._source_name = source_name
         self._attribution = dict(attribution)
-        self._attributes = LAYER_ATTRIBUTES[layer]  # type: ignore[index]
+        self._attributes = LAYER_ATTRIBUTES[layer]
         self._is_addresses = layer == "addresses"
         self._stats = _Stats(attribute_counts=dict.fromkeys(self._attributes, 0))
         self._sample = PreviewSample()
@@ -448,7 +448,7 @@ class OutputWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is not None:
+        if exc_type is not None and not self._closed:
             self.abort()
         elif not self._closed:
             self.close()
