@@ -48,7 +48,9 @@ def make_batches(rows: int) -> list[pa.RecordBatch]:
 CASES: dict[str, Mapping[str, Any]] = {
     "prefixed_number": {"number": {"function": "prefixed_number", "field": "address"}},
     "postfixed_street": {"street": {"function": "postfixed_street", "field": "address"}},
-    "regexp (extract)": {"city": {"function": "regexp", "field": "city", "pattern": r"^(.+?)\s+UR$"}},
+    "regexp (extract)": {
+        "city": {"function": "regexp", "field": "city", "pattern": r"^(.+?)\s+UR$"}
+    },
     "regexp (replace)": {
         "city": {
             "function": "regexp",
