@@ -282,3 +282,35 @@ def test_batch_split_does_not_change_the_files(
     )
     for name in ("out.csv", "out.geojson"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes()
+
+
+def test_error_after_close_keeps_the_finished_outputs(
+    tmp_path: Path, tricky_batch: pa.RecordBatch
+) -> None:
+    with pytest.raises(RuntimeError, match="later"):
+        with OutputWriter(tmp_path, "addresses", source_name="x", attribution={}) as writer:
+            writer.write(tricky_batch)
+            summary = writer.close()
+            raise RuntimeError("later")
+    assert summary.files["processed.zip"].exists()
+
+
+def test_a_failing_disk_write_surfaces_in_the_caller(
+    tmp_path: Path, tricky_batch: pa.RecordBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = OutputWriter(tmp_path, "parcels", source_name="x", attribution={})
+
+    def fail(data: object) -> int:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer._files[0], "write", fail)  # out.geojson's handle
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "pid": pa.array(["P1"]),
+            "hash": pa.array(["0" * 16]),
+            "__geometry__": pa.nulls(1, pa.binary()),
+        }
+    )
+    writer.write(batch)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
