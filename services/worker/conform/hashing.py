@@ -48,6 +48,8 @@ def _has_framing_bytes(values: pa.Array) -> bool:
 
 def _escaped(values: pa.Array) -> pa.Array:
     """``values`` as non-null strings with the two framing bytes escaped."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
     values = pc.fill_null(values.cast(pa.string()), "")
     # Replacing is the identity when neither byte occurs, so skipping it is only a shortcut
     # and cannot make a value's encoding depend on its batch.
