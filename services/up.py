@@ -23,6 +23,7 @@ SERVICES = ("webhook", "worker", "dequeuer", "scheduler")
 _COLOURS = {"webhook": "36", "worker": "32", "dequeuer": "35", "scheduler": "33"}
 #: Time children get to finish cleanly after SIGTERM before they are killed.
 STOP_GRACE_S = 15.0
+_RELAYS: set[asyncio.Future[None]] = set()
 
 
 async def up(settings: Settings) -> None:
@@ -45,7 +46,7 @@ async def up(settings: Settings) -> None:
     try:
         if demo is not None:
             await _run_demo(settings, demo)
-        done, _ = await asyncio.wait(
+        await asyncio.wait(
             [asyncio.ensure_future(child.wait()) for child in children.values()],
             return_when=asyncio.FIRST_COMPLETED,
         )
@@ -64,7 +65,9 @@ async def _spawn(name: str, env: dict[str, str]) -> asyncio.subprocess.Process:
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True,
     )
-    asyncio.ensure_future(_relay(name, process))
+    relay = asyncio.ensure_future(_relay(name, process))
+    _RELAYS.add(relay)  # keep a reference until the child's output ends
+    relay.add_done_callback(_RELAYS.discard)
     return process
 
 

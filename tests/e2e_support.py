@@ -17,13 +17,13 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from services.dequeuer.service import Dequeuer
+from services.webhook.app import create_app
+from services.worker.consumer import Worker
 from shared.broker import Broker
 from shared.config import Settings
 from shared.github import GitHub
 from shared.storage import Storage, open_storage
-from services.dequeuer.service import Dequeuer
-from services.webhook.app import create_app
-from services.worker.consumer import Worker
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = "Codertocat/Hello-World"

@@ -12,15 +12,25 @@ import json
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
-from shared.config import Settings
 from services.demo.github import GitHubStandIn
+from shared.config import Settings
 from tests.e2e_support import REPO, new_sha, push_body, running_system, signed_headers, wait_for
 from tests.support.dataserver import DataServer
 
 SECRET = "e2e-secret"
-LANE_CSV = b"NUM,STR,CITY,ZIP,LON,LAT\n12,Main St,Dighton,67839,-100.4661,38.4817\n14,Main St,Dighton,67839,-100.4663,38.4819\n"
-TOWN_CSV = b"lon,lat,number,street\n-100.1,38.1,1,Elm St\n-100.2,38.2,2.0,  Oak Ave \n,,3,No Coordinates Rd\n"
+LANE_CSV = (
+    b"NUM,STR,CITY,ZIP,LON,LAT\n"
+    b"12,Main St,Dighton,67839,-100.4661,38.4817\n"
+    b"14,Main St,Dighton,67839,-100.4663,38.4819\n"
+)
+TOWN_CSV = (
+    b"lon,lat,number,street\n"
+    b"-100.1,38.1,1,Elm St\n"
+    b"-100.2,38.2,2.0,  Oak Ave \n"
+    b",,3,No Coordinates Rd\n"
+)
 
 
 def source_json(url: str, columns: dict[str, str]) -> bytes:
@@ -56,9 +66,7 @@ def e2e_settings(settings: Settings, github: GitHubStandIn) -> Settings:
     })
 
 
-def _secret(value: str):  # noqa: ANN202 - pydantic SecretStr
-    from pydantic import SecretStr
-
+def _secret(value: str) -> SecretStr:
     return SecretStr(value)
 
 

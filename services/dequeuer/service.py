@@ -9,6 +9,7 @@ import contextlib
 
 import asyncpg
 
+from services.dequeuer.settle import TICK, overdue_runs, record_heartbeat, settle_done, settle_due
 from shared.broker import Broker
 from shared.config import Settings
 from shared.db import create_pool
@@ -16,7 +17,6 @@ from shared.github import GitHub
 from shared.jobs import send_statuses
 from shared.logging import get_logger
 from shared.messages import EXCHANGE_DUE, QUEUE_DONE, QUEUE_DUE, ROUTE_DUE, Done, Due, Heartbeat
-from services.dequeuer.settle import TICK, overdue_runs, record_heartbeat, settle_done, settle_due
 
 log = get_logger(__name__)
 

@@ -10,10 +10,10 @@ import asyncio
 
 import asyncpg
 
+from services.scheduler.leader import acquire_leadership, holds_leadership
 from shared.config import Settings
 from shared.db import migrate
 from shared.logging import get_logger
-from services.scheduler.leader import acquire_leadership, holds_leadership
 
 log = get_logger(__name__)
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import jinja2
 from aiohttp import web
 
+from services.webhook import routes
+from services.webhook.keys import BROKER, GITHUB, POOL, SETTINGS, STORAGE, TEMPLATES
 from shared.broker import Broker
 from shared.config import Settings
 from shared.db import create_pool
 from shared.github import GitHub
 from shared.storage import open_storage
-from services.webhook import routes
-from services.webhook.keys import BROKER, GITHUB, POOL, SETTINGS, STORAGE, TEMPLATES
 
 #: GitHub caps webhook payloads at 25 MB.
 MAX_BODY_BYTES = 25 * 1024 * 1024 + 1024

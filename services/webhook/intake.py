@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from services.webhook.events import PushEvent
 from shared.broker import Broker
 from shared.config import Settings
 from shared.errors import GitHubError, SourceError
@@ -23,7 +24,6 @@ from shared.jobs import job_url, queue_status, send_statuses, settle_job
 from shared.logging import get_logger
 from shared.messages import EXCHANGE_TASKS, ROUTE_TASK, PreviousRun, Task
 from shared.sources import entry_timeout_s, get_entry, list_entries, load_source
-from services.webhook.events import PushEvent
 
 log = get_logger(__name__)
 

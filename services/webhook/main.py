@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from services.webhook.app import create_app
 from shared.config import Settings
 from shared.errors import ConfigError
-from services.webhook.app import create_app
 
 
 def run(settings: Settings) -> None:

@@ -14,12 +14,12 @@ from typing import Any
 import pydantic
 from aiohttp import web
 
-from shared.errors import GitHubError, NotFound
-from shared.logging import get_logger
 from services.webhook.events import PushEvent
 from services.webhook.intake import take_push
 from services.webhook.keys import BROKER, GITHUB, POOL, SETTINGS, STORAGE, TEMPLATES
 from services.webhook.signature import verify_signature
+from shared.errors import GitHubError, NotFound
+from shared.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -16,6 +16,8 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 
+from services.worker.isolation import Limits, RunRequest, run_isolated
+from services.worker.state import RunState
 from shared.broker import Broker
 from shared.config import Settings
 from shared.logging import get_logger
@@ -30,8 +32,6 @@ from shared.messages import (
     utcnow,
 )
 from shared.storage import Storage, open_storage
-from services.worker.isolation import Limits, RunRequest, run_isolated
-from services.worker.state import RunState
 
 log = get_logger(__name__)
 

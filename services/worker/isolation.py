@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.messages import SourceProblem
 from services.worker.state import RunState
 from services.worker.version import CODE_VERSION
+from shared.messages import SourceProblem
 
 INDEX = "index.json"
 LOG = "output.txt"

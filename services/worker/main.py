@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from services.worker.consumer import serve
 from shared.config import Settings
 from shared.runner import run_service
-from services.worker.consumer import serve
 
 
 def run(settings: Settings) -> None:

@@ -11,10 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from services.worker.isolation import INDEX, Limits, RunRequest, run_isolated
 from shared.config import Settings
 from shared.errors import SourceError
 from shared.sources import entry_timeout_s, get_entry, list_entries, load_source
-from services.worker.isolation import INDEX, Limits, RunRequest, run_isolated
 
 
 def source_path_of(path: Path) -> str:

@@ -21,5 +21,6 @@ LAYER_ATTRIBUTES: Final[dict[Layer, tuple[str, ...]]] = {
 
 #: Column order of the addresses CSV, kept from the reference Machine for its consumers.
 CSV_HEADER: Final[tuple[str, ...]] = (
-    "LON", "LAT", "NUMBER", "STREET", "UNIT", "CITY", "DISTRICT", "REGION", "POSTCODE", "ID", "HASH",
+    "LON", "LAT", "NUMBER", "STREET", "UNIT", "CITY", "DISTRICT", "REGION", "POSTCODE", "ID",
+    "HASH",
 )
