@@ -104,6 +104,8 @@ RETRIES_HEADER = "x-oa-retries"
 DEFAULT_MAX_RETRIES = 5
 RETRY_DELAY_S = 0.5
 RETRY_DELAY_MAX_S = 30.0
+#: How long close() lets consumers finish unsubscribing before cancelling them.
+CLOSE_GRACE_S = 5.0
 
 _DEAD_LETTER_ARGS: dict[str, Any] = {
     "x-dead-letter-exchange": EXCHANGE_DEAD,
@@ -162,6 +164,8 @@ class Broker:
         self._exchanges = exchanges
         self._prefetch = prefetch
         self._closed = asyncio.Event()
+        #: Tasks running consume(), so close() can let them unsubscribe cleanly first.
+        self._consumers: set[asyncio.Task[Any]] = set()
 
     @classmethod
     async def connect(cls, url: str, *, prefetch: int = 1) -> Broker:
@@ -231,6 +235,24 @@ class Broker:
         dead-lettered. See the module docstring for the ack policy and ``ack_early``.
         Never raises because of a message; handlers may run ``prefetch`` at a time.
         """
+        current = asyncio.current_task()
+        if current is not None:
+            self._consumers.add(current)
+        try:
+            await self._consume(queue, handler, accept, ack_early, max_retries, poll_interval_s)
+        finally:
+            if current is not None:
+                self._consumers.discard(current)
+
+    async def _consume(
+        self,
+        queue: str,
+        handler: Callable[[M], Awaitable[None]],
+        accept: tuple[type[M], ...],
+        ack_early: bool,
+        max_retries: int,
+        poll_interval_s: float,
+    ) -> None:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         amqp_queue = await channel.get_queue(queue, ensure=True)
@@ -258,15 +280,14 @@ class Broker:
                 try:
                     await self._closed.wait()
                 finally:
-                    with contextlib.suppress(Exception):
-                        await amqp_queue.cancel(tag)
+                    await _quietly(amqp_queue.cancel(tag))
         finally:
             for task in list(in_flight):
                 task.cancel()
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await channel.close()
+            await _quietly(channel.close())
+            bound.info("broker.stopped_consuming")
 
     async def _pull_loop(
         self,
@@ -283,10 +304,19 @@ class Broker:
             try:
                 message = await amqp_queue.get(no_ack=False, fail=False, timeout=10)
             except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+                # aiormq may turn our own cancellation into a channel error: never swallow it.
+                if _cancelling():
+                    raise asyncio.CancelledError from exc
                 # The robust connection is reconnecting; try again a little later.
                 log.warning("broker.get_failed", queue=amqp_queue.name, error=repr(exc))
                 await asyncio.sleep(poll_interval_s)
                 continue
+            if _cancelling():
+                # Python 3.11's wait_for (inside aiormq) can swallow a cancellation that
+                # arrives as the reply does: give the message back and stop as asked.
+                if message is not None:
+                    await _quietly(message.nack(requeue=True))
+                raise asyncio.CancelledError
             if message is None:
                 await asyncio.sleep(poll_interval_s)
                 continue
@@ -445,8 +475,15 @@ class Broker:
     async def close(self) -> None:
         """Stop every :meth:`consume` and close the connection."""
         self._closed.set()
-        # Let consume() loops see the flag and cancel their subscriptions first.
-        await asyncio.sleep(0)
+        # Let consume() loops see the flag and cancel their subscriptions while the connection
+        # is still open; one stuck in a handler is cancelled after a grace period.
+        consumers = {task for task in self._consumers if task is not asyncio.current_task()}
+        if consumers:
+            _done, pending = await asyncio.wait(consumers, timeout=CLOSE_GRACE_S)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=CLOSE_GRACE_S)
         await self._connection.close()
 
 
@@ -466,6 +503,23 @@ async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractExchan
         for route in routes:
             await queue.bind(exchange, route)
     return exchanges
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    """Await a clean-up step, ignoring its failure (the channel may already be gone)."""
+    try:
+        await asyncio.wait_for(awaitable, CLOSE_GRACE_S)
+    except asyncio.CancelledError:
+        # A closing connection cancels its pending RPCs; only our own cancellation counts.
+        if _cancelling():
+            raise
+    except Exception as exc:
+        log.debug("broker.cleanup_failed", error=repr(exc))
 
 
 def _ids(model: AnyMessageModel) -> dict[str, Any]:
