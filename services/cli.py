@@ -19,8 +19,10 @@ SERVICES = ("webhook", "worker", "dequeuer", "scheduler")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="oa-machine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SERVICES:
-        commands.add_parser(name, help=f"run the {name} service")
+    parsers = {name: commands.add_parser(name, help=f"run the {name} service") for name in SERVICES}
+    parsers["worker"].add_argument(
+        "--once", action="store_true", help="exit after one run (one run per pod)"
+    )
     commands.add_parser("up", help="run every service (demo mode without GITHUB_TOKEN)")
     commands.add_parser("migrate", help="create the database if needed and apply migrations")
     one = commands.add_parser("process-one", help="process one source entry into a folder")
@@ -30,7 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--name", default=None, help="entry name (default: the layer's first)")
     args = parser.parse_args(argv)
 
-    if args.command in SERVICES:
+    if args.command == "worker" and args.once:
+        from services.worker.main import run as run_worker
+
+        start("worker", lambda settings: run_worker(settings, once=True))
+    elif args.command in SERVICES:
         module = importlib.import_module(f"services.{args.command}.main")
         start(args.command, module.run)
     elif args.command == "up":

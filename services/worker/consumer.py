@@ -123,14 +123,29 @@ class Worker:
                 log.warning("worker.heartbeat_failed", error=repr(exc))
             await asyncio.sleep(HEARTBEAT_S)
 
-    async def run(self) -> None:
-        """Consume tasks and beat until cancelled."""
-        log.info("worker.started", worker=self.name)
+    async def run(self, *, once: bool = False) -> None:
+        """Consume tasks and beat until cancelled; ``once`` returns after the first run.
+
+        ``once`` is the one-run-per-pod mode (a KEDA ScaledJob starts a pod per task).
+        """
+        log.info("worker.started", worker=self.name, once=once)
+        finished = asyncio.Event()
+
+        async def handle(task: Task) -> None:
+            try:
+                await self.handle(task)
+            finally:
+                finished.set()
+
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.heartbeats())
-            group.create_task(
-                self.broker.consume(QUEUE_TASKS, self.handle, accept=(Task,), ack_early=True)
+            beats = group.create_task(self.heartbeats())
+            consumer = group.create_task(
+                self.broker.consume(QUEUE_TASKS, handle, accept=(Task,), ack_early=True)
             )
+            if once:
+                await finished.wait()
+                consumer.cancel()
+                beats.cancel()
 
 
 def _done_message(
@@ -145,13 +160,13 @@ def _done_message(
     )
 
 
-async def serve(settings: Settings) -> None:
-    """Open connections and work until cancelled."""
+async def serve(settings: Settings, *, once: bool = False) -> None:
+    """Open connections and work until cancelled (or, with ``once``, until one run is done)."""
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     broker = await Broker.connect(settings.amqp_url, prefetch=settings.worker_concurrency)
     try:
         async with open_storage(settings) as storage:
             with contextlib.suppress(asyncio.CancelledError):
-                await Worker(settings, broker, storage).run()
+                await Worker(settings, broker, storage).run(once=once)
     finally:
         await broker.close()

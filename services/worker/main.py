@@ -7,5 +7,5 @@ from shared.config import Settings
 from shared.runner import run_service
 
 
-def run(settings: Settings) -> None:
-    run_service(serve(settings))
+def run(settings: Settings, *, once: bool = False) -> None:
+    run_service(serve(settings, once=once))
