@@ -61,7 +61,8 @@ async def hook(request: web.Request) -> web.Response:
         return web.json_response({"error": "X-GitHub-Delivery header is missing"}, status=400)
     try:
         push = PushEvent.model_validate(json.loads(body))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # json.loads decodes bytes itself: invalid UTF-8 is not JSON either, not a 500.
         return web.json_response({"error": f"body is not JSON: {exc}"}, status=400)
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]

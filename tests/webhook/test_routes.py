@@ -1,0 +1,339 @@
+"""The webhook's HTTP routes over the real app: real PostgreSQL, RabbitMQ and a GitHub stand-in."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from pydantic import SecretStr
+
+from shared.broker import Broker
+from shared.config import Settings
+from shared.messages import QUEUE_TASKS
+from shared.storage import LocalStorage
+from services.demo.github import GitHubStandIn
+from services.webhook.app import create_app
+from tests.e2e_support import FIXTURES, REPO, new_sha, push_body, signed_headers
+
+SECRET = "routes-secret"
+GOOD_SOURCE = json.dumps({
+    "coverage": {"country": "us", "state": "ks"},
+    "schema": 2,
+    "layers": {"addresses": [{
+        "name": "county", "data": "http://127.0.0.1:9/lane.csv", "protocol": "http",
+        "conform": {"format": "csv", "number": "N", "street": "S", "lon": "X", "lat": "Y"},
+    }]},
+}).encode()
+
+
+@pytest.fixture
+async def github() -> AsyncIterator[GitHubStandIn]:
+    stand_in = GitHubStandIn()
+    await stand_in.start()
+    yield stand_in
+    await stand_in.stop()
+
+
+@pytest.fixture
+def app_settings(settings: Settings, github: GitHubStandIn) -> Settings:
+    return settings.model_copy(update={
+        "github_api_url": github.url, "webhook_secrets": [SecretStr(SECRET)],
+        "public_base_url": "http://oa.example.org",
+    })
+
+
+@pytest.fixture
+async def client(
+    app_settings: Settings, db_pool: asyncpg.Pool, broker: Broker
+) -> AsyncIterator[TestClient[Any, Any]]:
+    # db_pool and broker come first: tables truncated and queues purged before the app starts.
+    server = TestServer(create_app(app_settings), host="127.0.0.1")
+    test_client = TestClient(server)
+    await test_client.start_server()
+    try:
+        yield test_client
+    finally:
+        await test_client.close()
+
+
+async def post(client: TestClient[Any, Any], body: bytes, *, event: str = "push",
+               delivery: str | None = None) -> tuple[int, dict[str, Any]]:
+    response = await client.post("/hook", data=body,
+                                 headers=signed_headers(body, SECRET, event=event,
+                                                        delivery=delivery))
+    return response.status, await response.json()
+
+
+async def nothing_created(pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn) -> None:
+    assert await pool.fetchval("SELECT count(*) FROM jobs") == 0
+    assert await pool.fetchval("SELECT count(*) FROM runs") == 0
+    assert await pool.fetchval("SELECT count(*) FROM statuses") == 0
+    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 0
+    assert github.statuses == []
+
+
+async def test_ping_answers_pong(client: TestClient[Any, Any], db_pool: asyncpg.Pool,
+                                 broker: Broker, github: GitHubStandIn) -> None:
+    body = (FIXTURES / "github" / "ping.payload.json").read_bytes()
+    status, answer = await post(client, body, event="ping")
+    assert (status, answer) == (200, {"pong": True})
+    await nothing_created(db_pool, broker, github)
+
+
+@pytest.mark.parametrize("event", ["issues", "pull_request", "release", ""])
+async def test_unknown_event_is_accepted_and_ignored(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker,
+    github: GitHubStandIn, event: str,
+) -> None:
+    sha = new_sha()
+    github.add_file(REPO, "sources/us/ks/a.json", sha, GOOD_SOURCE)
+    status, answer = await post(client, push_body(["sources/us/ks/a.json"], sha), event=event)
+    assert status == 202
+    assert "not handled" in answer["ignored"]
+    await nothing_created(db_pool, broker, github)
+
+
+@pytest.mark.parametrize(
+    "body", [b"{not json", b"", b"\xff\xfe\x00garbage", b"\x80abc", b"{\"ref\": \"\xc3\x28\"}"]
+)
+async def test_body_that_is_not_json_is_400(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker,
+    github: GitHubStandIn, body: bytes,
+) -> None:
+    status, answer = await post(client, body)
+    assert status == 400
+    assert "not JSON" in answer["error"]
+    await nothing_created(db_pool, broker, github)
+
+
+@pytest.mark.parametrize("field", ["repository", "after", "ref"])
+async def test_push_missing_a_field_is_400_naming_it(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker,
+    github: GitHubStandIn, field: str,
+) -> None:
+    payload = json.loads(push_body(["sources/us/ks/a.json"], new_sha()))
+    del payload[field]
+    status, answer = await post(client, json.dumps(payload).encode())
+    assert status == 400
+    assert f"push payload: {field}:" in answer["error"]
+    await nothing_created(db_pool, broker, github)
+
+
+async def test_push_that_is_json_but_not_an_object_is_400(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    status, answer = await post(client, b"[1, 2, 3]")
+    assert status == 400
+    assert answer["error"].startswith("push payload")
+    await nothing_created(db_pool, broker, github)
+
+
+async def test_push_without_delivery_header_is_400(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    body = push_body(["sources/us/ks/a.json"], new_sha())
+    headers = signed_headers(body, SECRET)
+    del headers["X-GitHub-Delivery"]
+    response = await client.post("/hook", data=body, headers=headers)
+    assert response.status == 400
+    assert "X-GitHub-Delivery" in (await response.json())["error"]
+    await nothing_created(db_pool, broker, github)
+
+
+async def test_branch_deletion_is_ignored(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    payload = json.loads(push_body(["sources/us/ks/a.json"], new_sha()))
+    payload.update(after="0" * 40, deleted=True)
+    status, answer = await post(client, json.dumps(payload).encode())
+    assert status == 202
+    assert answer == {"ignored": "branch deletion"}
+    await nothing_created(db_pool, broker, github)
+
+
+async def test_real_tag_deletion_and_tag_push_are_ignored(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    body = (FIXTURES / "github" / "push.1.payload.json").read_bytes()
+    status, _ = await post(client, body)
+    assert status == 202
+
+    sha = new_sha()
+    github.add_file(REPO, "sources/us/ks/a.json", sha, GOOD_SOURCE)
+    payload = json.loads(push_body(["sources/us/ks/a.json"], sha))
+    payload["ref"] = "refs/tags/v1.0"
+    status, answer = await post(client, json.dumps(payload).encode())
+    assert status == 202
+    assert answer == {"ignored": "refs/tags/v1.0 is not a branch"}
+    await nothing_created(db_pool, broker, github)
+
+
+async def test_push_touching_no_source_is_200_with_reason(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    body = (FIXTURES / "github" / "push.with-new-branch.payload.json").read_bytes()
+    status, answer = await post(client, body)
+    assert status == 200
+    assert answer == {"job": None, "runs": 0, "reason": "no source files changed"}
+    await nothing_created(db_pool, broker, github)
+
+
+async def test_github_failing_on_contents_is_502_and_creates_nothing(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    sha = new_sha()
+    github.add_file(REPO, "sources/us/ks/a.json", sha, GOOD_SOURCE)
+    github.fail_contents = True
+    body = push_body(["sources/us/ks/a.json"], sha)
+    headers = signed_headers(body, SECRET, delivery="delivery-502")
+    response = await client.post("/hook", data=body, headers=headers)
+    assert response.status == 502
+    assert "could not read sources" in (await response.json())["error"]
+    await nothing_created(db_pool, broker, github)
+
+    # Safe to redeliver: once GitHub answers, the same delivery creates the job.
+    github.fail_contents = False
+    response = await client.post("/hook", data=body, headers=headers)
+    assert response.status == 201
+    assert await db_pool.fetchval("SELECT count(*) FROM jobs WHERE delivery_id = $1",
+                                  "delivery-502") == 1
+    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 1
+
+
+async def test_good_push_creates_a_job_queues_tasks_and_posts_pending(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    sha = new_sha()
+    paths = ["sources/us/ks/a.json", "sources/us/ks/b.json"]
+    for path in paths:
+        github.add_file(REPO, path, sha, GOOD_SOURCE)
+    status, answer = await post(client, push_body(paths, sha))
+    assert status == 201
+    assert answer["runs"] == 2
+    assert answer["url"] == f"http://oa.example.org/jobs/{answer['job']}"
+    runs = await db_pool.fetch("SELECT * FROM runs ORDER BY id")
+    assert [r["source_path"] for r in runs] == paths
+    assert all(r["status"] is None and r["queued_at"] is not None for r in runs)
+    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 2
+    assert github.states(sha) == ["pending"]
+    assert github.statuses[0].description == "Processing 2 runs"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected_error"),
+    [
+        (b'{"schema": 2, "layers": {', "sources/us/ks/bad.json"),
+        (json.dumps({"schema": 2, "coverage": {"country": "us"}, "layers": {"addresses": [
+            {"name": "x", "data": "http://example.org/a.csv", "protocol": "carrier-pigeon",
+             "conform": {"format": "csv"}}]}}).encode(), "protocol"),
+    ],
+    ids=["bad-json", "schema-failure"],
+)
+async def test_invalid_only_source_fails_its_run_and_the_job_at_once(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker,
+    github: GitHubStandIn, content: bytes, expected_error: str,
+) -> None:
+    sha = new_sha()
+    path = "sources/us/ks/bad.json"
+    github.add_file(REPO, path, sha, content)
+    status, answer = await post(client, push_body([path], sha))
+    assert status == 201
+    assert answer["runs"] == 1
+    run = await db_pool.fetchrow("SELECT * FROM runs WHERE job_id = $1", answer["job"])
+    assert run["status"] == "failure"
+    assert run["source_problem"] == "invalid_source"
+    assert expected_error in run["error"]
+    assert run["finished_at"] is not None
+    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", answer["job"])
+    assert job["status"] == "failure" and job["finished_at"] is not None
+    assert github.states(sha) == ["pending", "failure"]
+    assert "1 failed" in github.statuses[-1].description
+    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 0
+
+
+async def test_invalid_source_next_to_a_good_one_leaves_the_job_open(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    sha = new_sha()
+    github.add_file(REPO, "sources/us/ks/bad.json", sha, b"[not json")
+    github.add_file(REPO, "sources/us/ks/good.json", sha, GOOD_SOURCE)
+    status, answer = await post(
+        client, push_body(["sources/us/ks/bad.json", "sources/us/ks/good.json"], sha))
+    assert status == 201 and answer["runs"] == 2
+    rows = await db_pool.fetch("SELECT source_path, status, source_problem FROM runs ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        ("sources/us/ks/bad.json", "failure", "invalid_source"),
+        ("sources/us/ks/good.json", None, None),
+    ]
+    assert await db_pool.fetchval("SELECT status FROM jobs") is None
+    assert github.states(sha) == ["pending"]
+    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 1
+
+
+async def test_health(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/health")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_unknown_job_is_404(client: TestClient[Any, Any]) -> None:
+    assert (await client.get("/jobs/987654")).status == 404
+    assert (await client.get("/api/jobs/987654")).status == 404
+
+
+async def _job_with_run(pool: asyncpg.Pool, outputs: dict[str, str]) -> tuple[int, int]:
+    job_id = await pool.fetchval(
+        "INSERT INTO jobs (delivery_id, event, repo, sha, ref) "
+        "VALUES ('d-1', 'push', $1, $2, 'refs/heads/main') RETURNING id", REPO, "a" * 40)
+    run_id = await pool.fetchval(
+        "INSERT INTO runs (job_id, source_path, layer, entry_name, status, outputs) "
+        "VALUES ($1, 'sources/us/ks/a.json', 'addresses', 'county', 'success', $2) RETURNING id",
+        job_id, outputs)
+    return job_id, run_id
+
+
+async def test_job_json_and_page(client: TestClient[Any, Any], db_pool: asyncpg.Pool) -> None:
+    job_id, run_id = await _job_with_run(db_pool, {"out.csv": "runs/1/out.csv"})
+    response = await client.get(f"/api/jobs/{job_id}")
+    assert response.status == 200
+    answer = await response.json()
+    assert answer["job"]["id"] == job_id
+    assert answer["job"]["repo"] == REPO
+    assert answer["job"]["created_at"]  # datetimes are rendered as text
+    assert [(r["id"], r["source_path"], r["status"], r["outputs"]) for r in answer["runs"]] == [
+        (run_id, "sources/us/ks/a.json", "success", {"out.csv": "runs/1/out.csv"})
+    ]
+    page = await client.get(f"/jobs/{job_id}")
+    assert page.status == 200
+    assert page.content_type == "text/html"
+    assert "sources/us/ks/a.json" in await page.text()
+
+
+async def test_run_file_is_streamed_from_storage(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, app_settings: Settings,
+) -> None:
+    storage = LocalStorage(Path(app_settings.storage_url.removeprefix("file://")))
+    content = b"LON,LAT\n" + b"-100.1,38.1\n" * 200_000  # a few MiB: several chunks
+    _, run_id = await _job_with_run(db_pool, {})
+    key = f"runs/{run_id}/out.csv"
+    await storage.put_bytes(key, content)
+    await db_pool.execute(
+        "UPDATE runs SET outputs = $2 WHERE id = $1",
+        run_id, {"out.csv": key, "gone.txt": f"runs/{run_id}/gone.txt"})
+
+    response = await client.get(f"/runs/{run_id}/out.csv")
+    assert response.status == 200
+    assert response.content_type == "text/csv"
+    assert await response.read() == content
+
+    unknown = await client.get(f"/runs/{run_id}/nope.csv")
+    assert unknown.status == 404
+    # Listed in outputs but missing from storage: 404 too, not a 500.
+    missing = await client.get(f"/runs/{run_id}/gone.txt")
+    assert missing.status == 404
+    assert (await client.get("/runs/987654/out.csv")).status == 404
