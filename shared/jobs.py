@@ -61,9 +61,14 @@ async def settle_job(
 ) -> JobOutcome | None:
     """Finish ``job_id`` if all its runs are final; None while runs are open or if already done.
 
-    Runs inside the caller's transaction. Two callers racing both read the counts, but only one
-    ``UPDATE ... WHERE status IS NULL`` succeeds, so the status is queued once.
+    Runs inside the caller's transaction. The job row is locked first: two transactions that
+    each finish one of the last two runs would otherwise each count the other's run as still
+    open (neither sees the other's uncommitted update) and the job would never be settled.
+    With the lock the second waits for the first to commit, then (READ COMMITTED: each statement
+    sees what committed before it) counts both runs final. ``UPDATE ... WHERE status IS NULL``
+    still makes sure the status is queued once.
     """
+    await conn.execute("SELECT 1 FROM jobs WHERE id = $1 FOR NO KEY UPDATE", job_id)
     counts = await conn.fetchrow(
         """
         SELECT count(*) FILTER (WHERE status IS NULL)        AS open,
