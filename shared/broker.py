@@ -67,6 +67,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from pydantic import ValidationError
@@ -104,6 +105,10 @@ RETRIES_HEADER = "x-oa-retries"
 DEFAULT_MAX_RETRIES = 5
 RETRY_DELAY_S = 0.5
 RETRY_DELAY_MAX_S = 30.0
+#: Pause between reconnection attempts of the robust connection.
+RECONNECT_INTERVAL_S = 2.0
+#: How long publish() waits for a reconnecting broker and for its confirmation.
+PUBLISH_TIMEOUT_S = 10.0
 #: How long close() lets consumers finish unsubscribing before cancelling them.
 CLOSE_GRACE_S = 5.0
 
@@ -155,7 +160,7 @@ class Broker:
     def __init__(
         self,
         connection: AbstractRobustConnection,
-        publish_channel: AbstractChannel,
+        publish_channel: AbstractRobustChannel,
         exchanges: dict[str, AbstractExchange],
         prefetch: int,
     ) -> None:
@@ -173,7 +178,7 @@ class Broker:
 
         ``prefetch`` is how many messages each :meth:`consume` handles at once.
         """
-        connection = await aio_pika.connect_robust(url)
+        connection = await aio_pika.connect_robust(url, reconnect_interval=RECONNECT_INTERVAL_S)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             exchanges = await declare_topology(channel)
@@ -202,21 +207,27 @@ class Broker:
     async def _publish_raw(
         self, exchange: str, routing_key: str, amqp_message: aio_pika.Message
     ) -> None:
-        target = self._exchanges.get(exchange)
-        if target is None:
-            target = (
-                self._publish_channel.default_exchange
-                if exchange == ""
-                else await self._publish_channel.get_exchange(exchange, ensure=False)
-            )
-            self._exchanges[exchange] = target
+        channel = self._publish_channel
+        if exchange == "":
+            target = channel.default_exchange
+        elif exchange in self._exchanges:
+            target = self._exchanges[exchange]
+        else:
+            # Publishing to a missing exchange would make the broker close the channel;
+            # the topology is fixed, so a name outside it is a bug worth a clear error.
+            raise PublishError(f"unknown exchange {exchange!r}: not in the topology")
         try:
-            await target.publish(amqp_message, routing_key, mandatory=True)
+            # After a connection loss or a channel error the robust channel reopens in the
+            # background; wait for it rather than fail at once.
+            await asyncio.wait_for(channel.ready(), PUBLISH_TIMEOUT_S)
+            await target.publish(
+                amqp_message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S
+            )
         except aio_pika.exceptions.PublishError as exc:
             raise PublishError(f"unroutable: exchange {exchange!r} key {routing_key!r}") from exc
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(f"refused by the broker: exchange {exchange!r}") from exc
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
             raise PublishError(f"broker unavailable: {exc!r}") from exc
 
     async def consume(
@@ -349,7 +360,7 @@ class Broker:
                 settled = True
                 await message.ack()
             try:
-                await handler(model)  # type: ignore[arg-type]
+                await handler(model)
             except MessageError as exc:
                 if ack_early:
                     bound.error("broker.handler_rejected", error=str(exc))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import pytest
@@ -173,6 +175,33 @@ async def test_unroutable_publish_raises(broker: Broker) -> None:
     # The broker is still usable afterwards.
     await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task())
     assert (await broker.queue_depth(QUEUE_TASKS))[0] == 1
+
+
+async def test_unknown_exchange_is_refused_without_breaking_the_channel(broker: Broker) -> None:
+    with pytest.raises(PublishError, match="unknown exchange"):
+        await broker.publish("no-such-exchange", ROUTE_TASK, make_task())
+    await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task())
+    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 1
+
+
+async def test_consumer_and_publisher_survive_a_connection_loss(
+    broker: Broker, amqp_url: str
+) -> None:
+    received: asyncio.Queue[Task] = asyncio.Queue()
+    async with consuming(broker, QUEUE_TASKS, received.put, accept=(Task,)):
+        await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(51))
+        assert (await asyncio.wait_for(received.get(), WAIT_S)).run_id == 51
+        vhost = unquote(urlsplit(amqp_url).path.lstrip("/"))
+        # What a broker restart or a network cut looks like to the client.
+        await asyncio.to_thread(
+            subprocess.run,
+            ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "test"],
+            check=True,
+            capture_output=True,
+        )
+        # publish() waits for the reconnection; the consumer is re-subscribed by itself.
+        await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(52))
+        assert (await asyncio.wait_for(received.get(), WAIT_S)).run_id == 52
 
 
 async def test_bad_messages_are_dead_lettered(broker: Broker, raw_channel: AbstractChannel) -> None:
