@@ -8,14 +8,21 @@ Topology (declared by :meth:`Broker.connect`, idempotently)::
     exchange dead  ──dead──────────▶ queue dead
 
 Every exchange is a durable direct exchange and every queue a durable *classic* queue: it
-works the same on the RabbitMQ 3.10 of the development host and on the 3.13 of
+works the same on the RabbitMQ 3.10 of the development host and on the latest 3.x of
 docker-compose's ``rabbitmq:3-management``. (Quorum queues would give ``x-delivery-count``,
 but they need three nodes to be worth it and change dead-lettering semantics.)
 
 Publishing
     :meth:`Broker.publish` sends a JSON body on a channel with publisher confirms, as a
     persistent message, with ``mandatory=True``: it returns only once the broker has the
-    message, and raises :class:`PublishError` when the broker refuses it or cannot route it.
+    message, and raises :class:`PublishError` when the broker refuses it or cannot route it,
+    or when the exchange is not in the topology. While the robust connection reconnects,
+    publish waits for it (up to ``PUBLISH_TIMEOUT_S``) instead of failing at once.
+
+Concurrency
+    A consumer runs up to ``prefetch`` handlers at once (``Broker.connect(prefetch=...)``), so
+    with ``prefetch > 1`` two messages of one queue may be handled out of order; with
+    ``prefetch=1`` a queue is handled one message at a time, in order (except retried ones).
 
 Consuming: the one ack policy (all of it in :meth:`Broker._settle`)
     * The body is validated with :data:`shared.messages.ANY_MESSAGE`. Invalid JSON, a schema
