@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import asyncpg
 
-from shared.messages import Done, Due, Heartbeat, utcnow
 from services.dequeuer.settle import overdue_runs, record_heartbeat, settle_done, settle_due
+from shared.messages import Done, Due, Heartbeat, utcnow
 
 BASE = "http://oa.example.org"
 SHA = "c" * 40

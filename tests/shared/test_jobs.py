@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from services.demo.github import GitHubStandIn
 from shared.github import GitHub
 from shared.jobs import queue_status, send_statuses
-from services.demo.github import GitHubStandIn
 
 REPO = "openaddresses/openaddresses"
 SHA_A = "a" * 40

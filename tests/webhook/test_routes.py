@@ -12,12 +12,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
+from services.demo.github import GitHubStandIn
+from services.webhook.app import create_app
 from shared.broker import Broker
 from shared.config import Settings
 from shared.messages import QUEUE_TASKS
 from shared.storage import LocalStorage
-from services.demo.github import GitHubStandIn
-from services.webhook.app import create_app
 from tests.e2e_support import FIXTURES, REPO, new_sha, push_body, signed_headers
 
 SECRET = "routes-secret"
