@@ -1,0 +1,119 @@
+"""The `oa-machine` console script, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.conftest import POSTGRES_SERVER_URL
+
+ROOT = Path(__file__).resolve().parent.parent
+OA_MACHINE = Path(sys.executable).parent / "oa-machine"
+
+
+def clean_env(**variables: str) -> dict[str, str]:
+    """The process environment without any oa-machine setting, plus ``variables``."""
+    from shared.config import Settings
+
+    names = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
+    env.update(variables)
+    return env
+
+
+def oa_machine(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(OA_MACHINE), *args], env=clean_env(**variables), capture_output=True, text=True,
+        timeout=60, check=False, cwd=ROOT,
+    )
+
+
+def test_console_script_is_installed() -> None:
+    assert OA_MACHINE.exists()
+    result = oa_machine("--help")
+    assert result.returncode == 0
+    for command in ("webhook", "worker", "dequeuer", "scheduler", "up", "migrate", "process-one"):
+        assert command in result.stdout
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = oa_machine("frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        ("migrate", "DATABASE_URL", "mysql://x"),
+        ("webhook", "AMQP_URL", "http://rabbit"),
+        ("worker", "STORAGE_URL", "ftp://bucket"),
+        ("dequeuer", "HTTP_PORT", "eighty"),
+        ("scheduler", "LOG_LEVEL", "loud"),
+        ("process-one", "RUN_TIMEOUT_S", "-1"),
+    ],
+)
+def test_bad_setting_exits_2_with_one_line_naming_it(
+    command: str, variable: str, value: str, tmp_path: Path
+) -> None:
+    extra = [str(tmp_path / "a.json"), str(tmp_path / "out")] if command == "process-one" else []
+    result = oa_machine(command, *extra, **{variable: value})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"oa-machine {command}: invalid setting {variable}:")
+    assert result.stdout == ""
+
+
+def test_webhook_without_secrets_exits_2_naming_webhook_secrets() -> None:
+    for secrets in (None, " , "):
+        variables = {} if secrets is None else {"WEBHOOK_SECRETS": secrets}
+        result = oa_machine("webhook", **variables)
+        assert result.returncode == 2
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "WEBHOOK_SECRETS" in lines[0]
+
+
+async def test_migrate_creates_the_database_and_twice_succeeds() -> None:
+    name = f"oa_test_cli_{uuid.uuid4().hex[:12]}"
+    url = f"{POSTGRES_SERVER_URL.rstrip('/')}/{name}"
+    admin = await asyncpg.connect(f"{POSTGRES_SERVER_URL.rstrip('/')}/postgres")
+    try:
+        first = oa_machine("migrate", DATABASE_URL=url)
+        assert first.returncode == 0, first.stderr
+        assert "applied 2 migration(s): 0001, 0002" in first.stdout
+
+        second = oa_machine("migrate", DATABASE_URL=url)
+        assert second.returncode == 0, second.stderr
+        assert "applied 0 migration(s): none pending" in second.stdout
+
+        conn = await asyncpg.connect(url)
+        try:
+            tables = {r["tablename"] for r in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        finally:
+            await conn.close()
+        assert {"jobs", "runs", "workers", "statuses", "sets"} <= tables
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def test_migrate_on_the_test_database_is_a_no_op(database_url: str) -> None:
+    result = oa_machine("migrate", DATABASE_URL=database_url)
+    assert result.returncode == 0, result.stderr
+    assert "none pending" in result.stdout
+
+
+def test_process_one_with_a_missing_file_exits_1(tmp_path: Path) -> None:
+    result = oa_machine("process-one", str(tmp_path / "nope.json"), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("oa-machine process-one:")
+    assert "nope.json" in result.stderr
