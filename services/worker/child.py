@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from services.worker.isolation import INDEX, LOG, RunRequest
+from services.worker.isolation import INDEX, LOG, RunRequest, looks_out_of_memory
 from services.worker.run import run_entry
 from services.worker.state import RunState
 from services.worker.version import CODE_VERSION
@@ -38,7 +38,11 @@ def main(argv: list[str]) -> int:
         state = _failed(request, "out_of_memory", "the run ran out of memory")
     except Exception as exc:  # the last line of defence: a bug must still give a state
         log.exception("unexpected error")
-        state = _failed(request, "conform_failed", f"unexpected error: {exc!r}")
+        if looks_out_of_memory(repr(exc)):
+            # e.g. ImportError "failed to map segment" of a lazily imported C extension.
+            state = _failed(request, "out_of_memory", f"the run ran out of memory: {exc!r}")
+        else:
+            state = _failed(request, "conform_failed", f"unexpected error: {exc!r}")
     finally:
         stop.set()
     state.output = LOG

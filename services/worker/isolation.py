@@ -118,7 +118,7 @@ def _explain_exit(
     returncode: int | None, log_path: Path, limits: Limits
 ) -> tuple[SourceProblem, str]:
     tail = _tail(log_path)
-    if "MemoryError" in tail or "bad_alloc" in tail or "Cannot allocate memory" in tail:
+    if looks_out_of_memory(tail):
         return "out_of_memory", (
             f"the run needed more than its memory limit of {limits.memory_bytes // 2**20} MiB"
         )
@@ -126,6 +126,23 @@ def _explain_exit(
         name = signal.Signals(-returncode).name
         return "conform_failed", f"the run's process was killed by {name}; see output.txt"
     return "conform_failed", f"the run's process exited with status {returncode}; see output.txt"
+
+
+#: What running out of address space looks like in a child's output. Under RLIMIT_AS a child
+#: often fails before any MemoryError: the dynamic loader cannot map a C extension (numpy,
+#: GDAL, pydantic-core) and raises ImportError, or OpenBLAS gives up allocating its buffers.
+_MEMORY_SIGNS = (
+    "MemoryError",
+    "bad_alloc",
+    "Cannot allocate memory",
+    "failed to map segment from shared object",
+    "Memory allocation still failed",
+)
+
+
+def looks_out_of_memory(text: str) -> bool:
+    """Whether ``text`` (a log tail, an exception) says the process ran out of memory."""
+    return any(sign in text for sign in _MEMORY_SIGNS)
 
 
 def _tail(path: Path, size: int = 4096) -> str:
