@@ -1,0 +1,160 @@
+"""`oa-machine process-one` as a real subprocess: local data, no broker, no database."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+OA_MACHINE = Path(sys.executable).parent / "oa-machine"
+ISANTI = ROOT / "tests" / "fixtures" / "oa-sources" / "us" / "mn" / "isanti.json"
+
+
+def process_one(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_", "LOG_"))}
+    return subprocess.run(
+        [str(OA_MACHINE), "process-one", *map(str, args)], env=env, capture_output=True,
+        text=True, timeout=120, check=False, cwd=ROOT,
+    )
+
+
+def csv_source(tmp_path: Path, data: Path) -> Path:
+    path = tmp_path / "sources" / "us" / "ks" / "dighton.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({
+        "coverage": {"country": "us", "state": "ks", "city": "Dighton"},
+        "schema": 2,
+        "layers": {"addresses": [{
+            "name": "city", "data": data.as_uri(), "protocol": "http",
+            "conform": {"format": "csv", "lon": "LON", "lat": "LAT", "number": "NUM",
+                        "street": "STR", "city": "CITY"},
+        }]},
+    }))
+    return path
+
+
+def out_rows(outdir: Path) -> list[list[str]]:
+    return list(csv.reader(io.StringIO((outdir / "out.csv").read_text())))
+
+
+def test_local_csv_source_succeeds(tmp_path: Path) -> None:
+    data = tmp_path / "dighton.csv"
+    data.write_text("NUM,STR,CITY,LON,LAT\n"
+                    "12,Main St,Dighton,-100.4661,38.4817\n"
+                    "14.0, Main St ,Dighton,-100.4663,38.4819\n"
+                    "16,Main St,Dighton,,\n")
+    source = csv_source(tmp_path, data)
+    outdir = tmp_path / "out"
+    result = process_one(source, outdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(outdir / "index.json")
+    index = json.loads((outdir / "index.json").read_text())
+    assert index["source"] == "us/ks/dighton"
+    assert (index["layer"], index["name"]) == ("addresses", "city")
+    assert index["source problem"] is None and index["feature count"] == 2
+    rows = out_rows(outdir)
+    assert rows[0][:9] == ["LON", "LAT", "NUMBER", "STREET", "UNIT", "CITY", "DISTRICT",
+                           "REGION", "POSTCODE"]
+    assert [r[:6] for r in rows[1:]] == [
+        ["-100.4661", "38.4817", "12", "Main St", "", "Dighton"],
+        ["-100.4663", "38.4819", "14", "Main St", "", "Dighton"],
+    ]
+
+
+def test_failing_source_exits_1_with_the_problem_in_index_json(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, tmp_path / "missing.csv")
+    outdir = tmp_path / "out"
+    result = process_one(source, outdir)
+    assert result.returncode == 1
+    assert result.stdout.strip() == str(outdir / "index.json")
+    assert "failed (download_failed)" in result.stderr
+    index = json.loads((outdir / "index.json").read_text())
+    assert index["source problem"] == "download_failed"
+    assert "missing.csv" in index["error"]
+    assert not (outdir / "out.csv").exists()
+
+
+def test_rows_without_coordinates_only_fail_with_no_features(tmp_path: Path) -> None:
+    data = tmp_path / "empty.csv"
+    data.write_text("NUM,STR,CITY,LON,LAT\n12,Main St,Dighton,,\n")
+    outdir = tmp_path / "out"
+    result = process_one(csv_source(tmp_path, data), outdir)
+    assert result.returncode == 1
+    assert json.loads((outdir / "index.json").read_text())["source problem"] == "no_features"
+
+
+def isanti_like(tmp_path: Path) -> Path:
+    """The shape of the real Isanti County source, pointed at made-up local GeoJSON."""
+    def feature(lon: float, lat: float, **properties: Any) -> dict[str, Any]:
+        return {"type": "Feature", "properties": properties,
+                "geometry": {"type": "Point", "coordinates": [lon, lat]}}
+
+    points = tmp_path / "address_points.geojson"
+    points.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        feature(-93.29, 45.56, ANUMBER="1", FULL_STREET="First Ave", SUB_ID1="",
+                POSTCOMM="Cambridge", ZIP="55008", ADD_ID="p1"),
+    ]}))
+    parcels = tmp_path / "parcels.geojson"
+    parcels.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        feature(-93.21, 45.57, SITEADDRESS="101 Main St N", PSTLCITY="Cambridge",
+                PSTLZIP5="55008", PARCELID="A-1"),
+        feature(-93.22, 45.58, SITEADDRESS="2250 Birch Lane", PSTLCITY="Isanti",
+                PSTLZIP5="55040", PARCELID="A-2"),
+    ]}))
+    source = copy.deepcopy(json.loads(ISANTI.read_text()))
+    first, second = source["layers"]["addresses"]
+    for entry, data in ((first, points), (second, parcels)):
+        entry.update(data=data.as_uri(), protocol="http")
+    path = tmp_path / "sources" / "us" / "mn" / "isanti.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(source))
+    return path
+
+
+def test_layer_and_name_pick_the_second_entry(tmp_path: Path) -> None:
+    source = isanti_like(tmp_path)
+    outdir = tmp_path / "parcels-out"
+    result = process_one(source, outdir, "--layer", "addresses", "--name", "parcels")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((outdir / "index.json").read_text())
+    assert (index["source"], index["name"], index["feature count"]) == (
+        "us/mn/isanti", "parcels", 2)
+    rows = out_rows(outdir)
+    header = rows[0]
+    picked = [{name: row[header.index(name)]
+               for name in ("NUMBER", "STREET", "CITY", "POSTCODE", "ID")} for row in rows[1:]]
+    assert picked == [
+        {"NUMBER": "101", "STREET": "Main St N", "CITY": "Cambridge", "POSTCODE": "55008",
+         "ID": "A-1"},
+        {"NUMBER": "2250", "STREET": "Birch Lane", "CITY": "Isanti", "POSTCODE": "55040",
+         "ID": "A-2"},
+    ]
+
+
+def test_without_name_the_first_entry_runs(tmp_path: Path) -> None:
+    source = isanti_like(tmp_path)
+    outdir = tmp_path / "first-out"
+    result = process_one(source, outdir)
+    assert result.returncode == 0, result.stderr
+    index = json.loads((outdir / "index.json").read_text())
+    assert (index["name"], index["feature count"]) == ("address_points", 1)
+    assert out_rows(outdir)[1][2:4] == ["1", "First Ave"]
+
+
+def test_unknown_layer_or_name_exits_1_before_running(tmp_path: Path) -> None:
+    source = isanti_like(tmp_path)
+    result = process_one(source, tmp_path / "a", "--layer", "buildings")
+    assert result.returncode == 1
+    assert "no entries in layer 'buildings'" in result.stderr
+    assert not (tmp_path / "a").exists()
+    result = process_one(source, tmp_path / "b", "--name", "no_such_entry")
+    assert result.returncode == 1
+    assert "no_such_entry" in result.stderr
+    assert not (tmp_path / "b").exists()
