@@ -78,7 +78,9 @@ async def test_dequeuer_recovers_after_the_broker_drops_connections(
     run_id = await _open_run(db_pool)
     await asyncio.sleep(0.5)  # let the dequeuer subscribe
     vhost = unquote(urlparse(settings.amqp_url).path.lstrip("/"))
-    subprocess.run(
+    # In a thread: the dequeuer under test shares this event loop and must keep running.
+    await asyncio.to_thread(
+        subprocess.run,
         ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "test: broker restart"],
         check=True, capture_output=True, timeout=60,
     )
