@@ -32,7 +32,7 @@ async def make_job(pool: asyncpg.Pool, runs: int = 1) -> tuple[int, list[int]]:
 
 
 def done(run_id: int, status: str = "success", **extra: object) -> Done:
-    return Done(run_id=run_id, worker="w-1", status=status, **extra)  # type: ignore[arg-type]
+    return Done(run_id=run_id, worker="w-1", status=status, **extra)
 
 
 async def test_done_settles_the_run_and_the_job(db_pool: asyncpg.Pool) -> None:
