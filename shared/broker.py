@@ -41,7 +41,9 @@ Consuming: the one ack policy (all of it in :meth:`Broker._settle`)
       gone) the message is ``nack``-ed with requeue, or simply left unacked: RabbitMQ
       redelivers it when the channel closes. A retried message goes to the back of its queue;
       consumers are idempotent and guard state changes in SQL, so order is not relied upon.
-    * The consumer is cancelled → unsettled messages are ``nack``-ed with requeue.
+    * The consumer is cancelled → messages whose handler is still running (or waiting for a
+      retry) are ``nack``-ed with requeue; a settlement already decided (ack, reject,
+      republish) is shielded from the cancellation and completes.
     A process crash while handling a message is not counted (nothing runs after the crash):
     RabbitMQ redelivers the message, so a message that crashes the process every time would
     loop; the worker, where crashes are plausible, avoids this by acking early (below).
@@ -365,7 +367,7 @@ class Broker:
             bound = bound.bind(kind=model.kind, **_ids(model))
             if ack_early:
                 settled = True
-                await message.ack()
+                await asyncio.shield(message.ack())
             try:
                 await handler(model)
             except MessageError as exc:
@@ -379,13 +381,27 @@ class Broker:
                 if ack_early:
                     # Already acked: the deadline flow recovers the run.
                     bound.exception("broker.handler_failed", error=repr(exc))
-                else:
+                    return
+                retries = _retries_of(message)
+                if retries >= max_retries:
                     settled = True
-                    await self._retry(queue, message, bound, max_retries, exc)
+                    reason = f"failed {retries + 1} times, last error: {exc!r}"
+                    await self._dead_letter(message, bound, reason)
+                    return
+                delay_s = retry_delay_s(retries)
+                bound.warning(
+                    "broker.handler_failed", error=repr(exc), retries=retries, delay_s=delay_s
+                )
+                # Cancelled while waiting: the outer handler requeues the message.
+                await asyncio.sleep(delay_s)
+                settled = True
+                await asyncio.shield(self._republish(queue, message, bound, retries + 1))
                 return
             if not ack_early:
+                # Shielded, as every settling call: once the handler has done its work, a
+                # cancellation arriving now must not turn the ack into a redelivery.
                 settled = True
-                await message.ack()
+                await asyncio.shield(message.ack())
         except asyncio.CancelledError:
             if not settled:
                 # Give the message back for another consumer; shielded so that our own
@@ -400,27 +416,14 @@ class Broker:
 
     async def _dead_letter(self, message: AbstractIncomingMessage, bound: Any, reason: str) -> None:
         bound.warning("broker.dead_lettered", reason=reason)
-        await message.reject(requeue=False)
+        await asyncio.shield(message.reject(requeue=False))
 
-    async def _retry(
-        self,
-        queue: str,
-        message: AbstractIncomingMessage,
-        bound: Any,
-        max_retries: int,
-        exc: Exception,
+    async def _republish(
+        self, queue: str, message: AbstractIncomingMessage, bound: Any, retries: int
     ) -> None:
-        retries = _retries_of(message)
-        if retries >= max_retries:
-            await self._dead_letter(
-                message, bound, f"failed {retries + 1} times, last error: {exc!r}"
-            )
-            return
-        delay_s = retry_delay_s(retries)
-        bound.warning("broker.handler_failed", error=repr(exc), retries=retries, delay_s=delay_s)
-        await asyncio.sleep(delay_s)
+        """Put a copy carrying the new retry count at the back of ``queue``, then ack."""
         headers = dict(message.headers or {})
-        headers[RETRIES_HEADER] = retries + 1
+        headers[RETRIES_HEADER] = retries
         copy = aio_pika.Message(
             body=message.body,
             headers=headers,
@@ -433,8 +436,8 @@ class Broker:
         try:
             # The default exchange routes by queue name: straight back to this queue.
             await self._publish_raw("", queue, copy)
-        except PublishError as publish_exc:
-            bound.warning("broker.retry_publish_failed", error=repr(publish_exc))
+        except PublishError as exc:
+            bound.warning("broker.retry_publish_failed", error=repr(exc))
             await message.nack(requeue=True)
             return
         await message.ack()
