@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -47,7 +48,8 @@ def from_srs(points: Sequence[tuple[float, float]], srs: str) -> list[LonLat]:
 
 def near(origin: LonLat, count: int, step: float = 0.001) -> list[LonLat]:
     """``count`` distinct points a little east and north of ``origin``."""
-    return [(round(origin[0] + i * step, 7), round(origin[1] + i * step / 2, 7)) for i in range(count)]
+    return [(round(origin[0] + i * step, 7), round(origin[1] + i * step / 2, 7))
+            for i in range(count)]
 
 
 def square(center: LonLat, half: float) -> shapely.Polygon:
@@ -136,15 +138,21 @@ def write_ogr(
         if kind == "int":
             field_data.append(np.array(values, dtype=np.int64))
         elif kind == "float":
-            field_data.append(np.array([np.nan if v is None else v for v in values], dtype=np.float64))
+            floats = [np.nan if v is None else v for v in values]
+            field_data.append(np.array(floats, dtype=np.float64))
         else:
             field_data.append(np.array(values, dtype=object))
     wkb = np.array(shapely.to_wkb(list(geometries)), dtype=object)
     geometry_type = geometries[0].geom_type if geometries else "Unknown"
-    ogr_write(
-        str(path), wkb, field_data, names, layer=layer, driver=driver,
-        geometry_type=geometry_type, crs=crs,
-    )
+    with warnings.catch_warnings():
+        # GDAL names the replacement of a deprecated EPSG code (3359 → 3404) in the .prj;
+        # the source's own srs is what the run must use, so that is fine here.
+        warnings.filterwarnings("ignore", message="CRS EPSG:.* is deprecated")
+        warnings.filterwarnings("ignore", message=".* will be written as a Float64")
+        ogr_write(
+            str(path), wkb, field_data, names, layer=layer, driver=driver,
+            geometry_type=geometry_type, crs=crs,
+        )
     return path
 
 

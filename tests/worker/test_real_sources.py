@@ -35,18 +35,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyproj
 import pytest
 import shapely
 from shapely.geometry.base import BaseGeometry
 from structlog.testing import capture_logs
 
-from shared.sources import load_source
 from services.worker import run as run_module
 from services.worker.isolation import Limits, RunRequest, run_isolated
 from services.worker.run import run_entry
 from services.worker.sources.fetch import fetch
 from services.worker.sources.http import Retry, Timeouts
 from services.worker.state import RunState
+from shared.sources import load_source
 from tests.support import sourcedata as sd
 from tests.support.arcgis import FakeArcGIS, FakeLayer
 from tests.support.dataserver import DataServer
@@ -180,7 +182,7 @@ def case(path: str, layer: str = "addresses", entry: str | None = None, mode: st
     return register
 
 
-def addr(lonlat: sd.LonLat, **attributes: str) -> dict[str, Any]:
+def addr(lonlat: sd.LonLat, **attributes: Any) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(ADDRESS_ATTRIBUTES, "")
     unknown = set(attributes) - set(ADDRESS_ATTRIBUTES)
     assert not unknown, unknown
@@ -233,7 +235,9 @@ def uri(s: Servers) -> Expected:
         ("1004", "1", "Bahnhofstrasse", "Andermatt", "6490", *p[3]),
     ]
     decoy = sd.csv_bytes(header, [("9", "9", "Falsch", "Falsch", "0000", 8.0, 47.0)])
-    body = sd.zip_bytes({"aaa-other.csv": decoy, "ch-ur.csv": sd.csv_bytes(header, raw)})
+    # Written with a byte-order mark, as Windows tools do: "gwr_egid" must still resolve.
+    body = sd.zip_bytes({"aaa-other.csv": decoy,
+                         "ch-ur.csv": sd.csv_bytes(header, raw, encoding="utf-8-sig")})
     # city: group 1 of ^(.+?)(?:(?<=Seedorf)UR|\s+UR)?\s*$ (no replace: extract)
     return Expected(
         url=s.http.add("/cache/uploads/sergiyprotsiv/a24c45/ch-ur.csv.zip", body,
@@ -504,14 +508,26 @@ def davie(s: Servers) -> Expected:
     ]
     # 20 ft squares around each projected point: the point on surface is the centre.
     squares = [sd.square(xy, 10.0) for xy in sd.to_srs(p, srs)]
-    members = _shapefile_members(s, "davie", "address", records, squares, srs,
+    # An L-shaped lot: its centroid lies outside it, the address point must not.
+    ox, oy = sd.to_srs([(-80.5700, 35.9000)], srs)[0]
+    ell = shapely.Polygon([(ox, oy), (ox + 100, oy), (ox + 100, oy + 10), (ox + 10, oy + 10),
+                           (ox + 10, oy + 100), (ox, oy + 100), (ox, oy)])
+    assert not ell.contains(ell.centroid)
+    records.append({"HSNM": 7, "PREDIR": "", "STREET": "ELL", "TYPE": "CT", "POSTDIR": "",
+                    "UNIT": ""})
+    members = _shapefile_members(s, "davie", "address", records, [*squares, ell], srs,
                                  types={"HSNM": "int"})
+    inverse = pyproj.Transformer.from_crs(srs, "EPSG:4326", always_xy=True)
+    ell_lonlat = shapely.transform(ell, lambda c: np.column_stack(inverse.transform(c[:, 0],
+                                                                                    c[:, 1])))
     return Expected(
         url=s.http.add("/DavieGISweb/gisdata/address.zip", sd.zip_bytes(members)),
         rows=[
             addr(p[0], number="130", street="S MAIN ST"),
             addr(p[1], number="284", street="SALISBURY ST", unit="A"),
             addr(p[2], number="1180", street="US 601 HWY N"),
+            {**addr((float("nan"), float("nan")), number="7", street="ELL CT"),
+             "inside": ell_lonlat},
         ],
         sample_fields=("HSNM", "PREDIR", "STREET", "TYPE", "POSTDIR", "UNIT"),
     )
@@ -533,10 +549,11 @@ def jefferson(s: Servers) -> Expected:
     gdb = s.scratch / "jefferson" / "Delivery" / "addresses_oregon.gdb"
     decoy = [{"Number": 1, "Direction": "", "Name": "WRONG", "Suffix": "RD", "City": "BEND",
               "ZIP": "97701"}]
+    # The house numbers are doubles in this geodatabase: "675.0" must come out "675".
     sd.write_ogr(gdb, "OpenFileGDB", decoy, [shapely.Point(sd.to_srs([(-121.3, 44.05)], srs)[0])],
-                 crs=srs, layer="Deschutes", types={"Number": "int"})
+                 crs=srs, layer="Deschutes", types={"Number": "float"})
     sd.write_ogr(gdb, "OpenFileGDB", records, [shapely.Point(xy) for xy in sd.to_srs(p, srs)],
-                 crs=srs, layer="Jefferson", types={"Number": "int"})
+                 crs=srs, layer="Jefferson", types={"Number": "float"})
     members = sd.zip_folder(s.scratch / "jefferson")
     members["Delivery/README.txt"] = b"Oregon address points\n"
     return Expected(
@@ -745,7 +762,7 @@ def wallonia_parcels(s: Servers) -> Expected:
 @case("cn/42/wuhan")
 def wuhan(s: Servers) -> Expected:
     p = sd.near((114.3055, 30.5928), 5)
-    records = [
+    records: list[dict[str, Any]] = [
         {"MPH": 12.0, "LPH": "3", "JLXMC": "中山大道", "SSQ": "江汉区"},
         {"MPH": 8, "LPH": "", "JLXMC": "解放大道", "SSQ": "硚口区"},
         {"MPH": 15.0, "LPH": "2", "JLXMC": "沿江大道", "SSQ": "江岸区"},
@@ -802,13 +819,15 @@ def champaign(s: Servers) -> Expected:
     data = [("A1", 1776, "", "E WASHINGTON ST", "61802"),
             ("A2", 505, "APT 3", "S GOODWIN AVE", "61801"),
             ("A3", 202, "", "W HILL ST", "61820")]
-    features = [sd.esri_point(i + 1, *p[i], UniqueID=d[0], AddNum=d[1], SubAddress=d[2],
-                              StreetName=d[3], Zip=d[4]) for i, d in enumerate(data)]
+    # The server spells two fields in capitals: ArcGIS and the conform match them regardless.
+    features = [sd.esri_point(i + 1, *p[i], UniqueID=d[0], ADDNUM=d[1], SubAddress=d[2],
+                              StreetName=d[3], ZIP=d[4]) for i, d in enumerate(data)]
     return Expected(
         url=esri_layer(s, "il-champaign-addresses", features),
         rows=[addr(p[i], id=d[0], number=str(d[1]), unit=d[2], street=d[3], postcode=d[4])
               for i, d in enumerate(data)],
-        sample_fields=("UniqueID", "AddNum"), check=_check_referer("il-champaign-addresses"),
+        sample_fields=("UniqueID", "ADDNUM", "ZIP"),
+        check=_check_referer("il-champaign-addresses"),
     )
 
 
@@ -1067,10 +1086,12 @@ def check_addresses(outdir: Path, expected: Expected) -> None:
             c: want[a] for a, c in CSV_COLUMNS.items()}, f"csv row {n}"
         assert len(props["hash"]) == 16 and row["HASH"] == props["hash"]
         assert feature["geometry"]["type"] == "Point"
-        assert_close(tuple(feature["geometry"]["coordinates"]), (want["lon"], want["lat"]),
-                     f"geojson row {n}")
-        assert_close((float(row["LON"]), float(row["LAT"])), (want["lon"], want["lat"]),
-                     f"csv row {n}")
+        lon, lat = feature["geometry"]["coordinates"]
+        assert (float(row["LON"]), float(row["LAT"])) == (lon, lat)
+        if "inside" in want:
+            assert want["inside"].contains(shapely.Point(lon, lat)), f"row {n}"
+        else:
+            assert_close((lon, lat), (want["lon"], want["lat"]), f"row {n}")
 
 
 def check_shapes(outdir: Path, expected: Expected) -> None:
@@ -1101,13 +1122,18 @@ def check_run(case_: Case, s: Servers, expected: Expected, state: RunState, outd
     assert index["dropped rows"] == expected.dropped_rows
     assert index["tests passed"] is expected.tests_passed
     assert index["fingerprint"]
+    terms = next(e for e in real_source(case_.path)["layers"][case_.layer]
+                 if e["name"] == case_.entry).get("license") or {}
+    assert index["license"] == (terms.get("text") or terms.get("url"))
+    assert index["attribution name"] == terms.get("attribution name")
     assert index["cache"] and (outdir / index["cache"]).exists()
     if case_.layer == "addresses":
         assert index["processed zip"] == "processed.zip"
         check_addresses(outdir, expected)
         with zipfile.ZipFile(outdir / "processed.zip") as archive:
-            names = archive.namelist()
-        assert any(name.endswith(".csv") for name in names), names
+            members = [n for n in archive.namelist() if n.endswith(".csv")]
+            assert len(members) == 1, archive.namelist()
+            assert archive.read(members[0]) == (outdir / "out.csv").read_bytes()
     else:
         check_shapes(outdir, expected)
     sample = json.loads((outdir / "sample.json").read_text())
@@ -1209,6 +1235,7 @@ def test_404_is_download_failed(servers: Servers, tmp_path: Path, quick_fetch: N
     assert state.source_problem == "download_failed"
     assert "404" in (state.error or "")
     assert state.feature_count is None
+    assert servers.http.count("/bad/missing.csv") == 1  # a 404 is final: no retries
 
 
 def test_500_then_success(servers: Servers, tmp_path: Path, quick_fetch: None) -> None:
