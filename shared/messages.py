@@ -8,11 +8,11 @@ fails validation is dead-lettered with the reason (see :mod:`shared.broker`).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 # Exchanges (all durable, direct) and the queues bound to them.
 EXCHANGE_TASKS = "tasks"

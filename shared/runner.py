@@ -25,6 +25,10 @@ def start(service: str, run: Callable[[Settings], None]) -> None:
     except ConfigError as exc:
         print(f"oa-machine {service}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as exc:
+        # Nothing listening at DATABASE_URL or AMQP_URL at start: one line, not a traceback.
+        print(f"oa-machine {service}: cannot connect: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         pass
 

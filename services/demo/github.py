@@ -47,8 +47,7 @@ class GitHubStandIn:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        bound_port = sockets[0].getsockname()[1]
+        bound_port = self._runner.addresses[0][1]
         self.url = f"http://{host}:{bound_port}"
         return self.url
 

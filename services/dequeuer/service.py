@@ -13,10 +13,20 @@ from services.dequeuer.settle import TICK, overdue_runs, record_heartbeat, settl
 from shared.broker import Broker
 from shared.config import Settings
 from shared.db import create_pool
+from shared.errors import MessageError
 from shared.github import GitHub
 from shared.jobs import send_statuses
 from shared.logging import get_logger
-from shared.messages import EXCHANGE_DUE, QUEUE_DONE, QUEUE_DUE, ROUTE_DUE, Done, Due, Heartbeat
+from shared.messages import (
+    EXCHANGE_DUE,
+    QUEUE_DONE,
+    QUEUE_DUE,
+    ROUTE_DUE,
+    Done,
+    Due,
+    Heartbeat,
+    Message,
+)
 
 log = get_logger(__name__)
 
@@ -31,17 +41,19 @@ class Dequeuer:
         self.github = github
         self._wake = asyncio.Event()
 
-    async def on_message(self, message: Done | Due | Heartbeat) -> None:
-        """Handle one message from `done` or `due`."""
-        base = self.settings.public_base_url
-        if isinstance(message, Done):
-            if await settle_done(self.pool, message, base):
-                self._wake.set()
-        elif isinstance(message, Due):
-            if await settle_due(self.pool, message, base):
-                self._wake.set()
-        else:
+    async def on_done(self, message: Message) -> None:
+        """Handle one message from the `done` queue: a result or a heartbeat."""
+        if isinstance(message, Heartbeat):
             await record_heartbeat(self.pool, message)
+        elif not isinstance(message, Done):  # the broker only passes accepted kinds
+            raise MessageError(f"unexpected {type(message).__name__} on the done queue")
+        elif await settle_done(self.pool, message, self.settings.public_base_url):
+            self._wake.set()
+
+    async def on_due(self, message: Due) -> None:
+        """Handle one message from the `due` queue."""
+        if await settle_due(self.pool, message, self.settings.public_base_url):
+            self._wake.set()
 
     async def tick(self) -> None:
         """Send pending statuses and publish `due` for overdue runs."""
@@ -53,9 +65,9 @@ class Dequeuer:
         """Consume both queues and tick until cancelled."""
         async with asyncio.TaskGroup() as group:
             group.create_task(
-                self.broker.consume(QUEUE_DONE, self.on_message, accept=(Done, Heartbeat))
+                self.broker.consume(QUEUE_DONE, self.on_done, accept=(Done, Heartbeat))
             )
-            group.create_task(self.broker.consume(QUEUE_DUE, self.on_message, accept=(Due,)))
+            group.create_task(self.broker.consume(QUEUE_DUE, self.on_due, accept=(Due,)))
             group.create_task(self._chores())
 
     async def _chores(self) -> None:

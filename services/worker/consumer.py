@@ -13,8 +13,9 @@ import contextlib
 import os
 import shutil
 import socket
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from services.worker.isolation import Limits, RunRequest, run_isolated
 from services.worker.state import RunState
@@ -102,11 +103,11 @@ class Worker:
                 outputs[path.name] = key
         return outputs
 
-    async def _beat(self, task: Task | None = None, **extra: object) -> None:
+    async def _beat(self, task: Task | None = None, **extra: Any) -> None:
         beat = Heartbeat(
             worker=self.name, hostname=socket.gethostname(), pid=os.getpid(),
             run_id=task.run_id if task else None, attempt=task.attempt if task else None,
-            state="running" if task else "idle", **extra,  # type: ignore[arg-type]
+            state="running" if task else "idle", **extra,
         )
         await self.broker.publish(EXCHANGE_DONE, ROUTE_HEARTBEAT, beat)
 
@@ -149,14 +150,14 @@ class Worker:
 
 
 def _done_message(
-    task: Task, worker: str, state: RunState, outputs: dict[str, str], started_at: object
+    task: Task, worker: str, state: RunState, outputs: dict[str, str], started_at: datetime
 ) -> Done:
     status = "skipped" if state.skipped else ("success" if state.succeeded else "failure")
     return Done(
         run_id=task.run_id, attempt=task.attempt, worker=worker, status=status,
         source_problem=None if status == "success" else state.source_problem,
         error=state.error, outputs=outputs, state=state.to_json(),
-        started_at=started_at,  # type: ignore[arg-type]
+        started_at=started_at,
     )
 
 

@@ -92,11 +92,11 @@ async def run_isolated(request: RunRequest, limits: Limits) -> RunState:
         return RunState.read(index)
     if problem is None:
         problem, error = _explain_exit(process.returncode, outdir / LOG, limits)
-    state = RunState(
-        source=request.source_path, layer=request.layer, name=request.entry_name,
-        source_problem=problem, error=error, code_version=CODE_VERSION,
-        process_time=round(elapsed, 3), output=LOG if (outdir / LOG).exists() else None,
-    )
+    state = RunState.model_validate({
+        "source": request.source_path, "layer": request.layer, "name": request.entry_name,
+        "source problem": problem, "error": error, "code version": CODE_VERSION,
+        "process time": round(elapsed, 3), "output": LOG if (outdir / LOG).exists() else None,
+    })
     state.write(index)
     return state
 
