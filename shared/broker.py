@@ -81,7 +81,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from shared.errors import MessageError, OAMachineError
+from shared.errors import BrokerError, MessageError, OAMachineError
 from shared.messages import (
     ANY_MESSAGE,
     EXCHANGE_DEAD,
@@ -135,7 +135,7 @@ TOPOLOGY: dict[str, tuple[str, tuple[str, ...], bool]] = {
 }
 
 
-class PublishError(OAMachineError):
+class PublishError(BrokerError):
     """The broker did not accept a message: refused (nack), unroutable, or unreachable."""
 
 

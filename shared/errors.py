@@ -5,6 +5,8 @@
     ├── StorageError         object storage failed (wraps botocore / OS errors)
     │   └── NotFound         the key does not exist
     ├── GitHubError          GitHub's API answered with an error or not at all
+    ├── BrokerError          RabbitMQ refused, could not route, or is unreachable
+    │   └── PublishError     (shared.broker) a publish was not confirmed
     ├── MessageError         a broker message failed validation; it is dead-lettered
     └── SourceError          a source file cannot be used (bad JSON, schema, missing entry)
 
@@ -37,6 +39,10 @@ class GitHubError(OAMachineError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class BrokerError(OAMachineError):
+    """RabbitMQ refused an operation, could not route a message, or is unreachable."""
 
 
 class MessageError(OAMachineError):

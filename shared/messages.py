@@ -25,8 +25,9 @@ QUEUE_DONE = "done"
 QUEUE_DUE = "due"
 QUEUE_DEAD = "dead"
 
-# Routing keys. Heartbeats travel on the `done` exchange so that the dequeuer reads one queue
-# in order: a run's "started" heartbeat can never overtake its `done`.
+# Routing keys. Heartbeats travel on the `done` exchange so that one queue tells the dequeuer
+# everything about runs in progress. Messages may be handled concurrently and out of order, so
+# every state change is guarded in SQL (a heartbeat never touches a run that is already final).
 ROUTE_TASK = "task"
 ROUTE_DONE = "done"
 ROUTE_DUE = "due"
