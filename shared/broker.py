@@ -81,7 +81,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from shared.errors import BrokerError, MessageError, OAMachineError
+from shared.errors import BrokerError, MessageError
 from shared.messages import (
     ANY_MESSAGE,
     EXCHANGE_DEAD,
