@@ -155,7 +155,7 @@ class CsvReader:
         # parses it again.
         self._counting = False
         self._stream: pacsv.CSVStreamingReader | None = None
-        self._source: io.RawIOBase | None = None
+        self._source: io.RawIOBase | pa.NativeFile | None = None
         self.fields: list[str] = self._read_fields()
         self._counting = True
 
@@ -163,7 +163,11 @@ class CsvReader:
 
     def _input(self) -> Any:
         if not self._recode:
-            return str(self.path)
+            # An open file, not a path: given a path, Arrow picks a decompressor from the
+            # extension, and a download named ".gz" may be plain text already (the client
+            # inflated a Content-Encoding: gzip answer); archive.unpack decides compression.
+            self._source = pa.OSFile(str(self.path), "rb")
+            return self._source
         self._source = Utf8Recoder(self.path, self._codec)
         return pa.PythonFile(self._source, mode="r")
 
