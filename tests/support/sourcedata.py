@@ -166,15 +166,19 @@ def esri_point(oid: int, lon: float, lat: float, **attributes: Any) -> dict[str,
 
 
 def esri_polygon(oid: int, polygon: shapely.Polygon, **attributes: Any) -> dict[str, Any]:
-    """Esri rings: the outer ring clockwise (Esri's convention)."""
-    outer = list(shapely.geometry.polygon.orient(polygon, sign=-1.0).exterior.coords)
+    """Esri rings: outer rings clockwise, holes counter-clockwise (Esri's convention)."""
+    oriented = shapely.geometry.polygon.orient(polygon, sign=-1.0)
+    rings = [oriented.exterior, *oriented.interiors]
     return {"attributes": {OID: oid, **attributes},
-            "geometry": {"rings": [[list(p) for p in outer]]}}
+            "geometry": {"rings": [[list(p) for p in ring.coords] for ring in rings]}}
 
 
-def esri_polyline(oid: int, line: shapely.LineString, **attributes: Any) -> dict[str, Any]:
+def esri_polyline(
+    oid: int, line: shapely.LineString | shapely.MultiLineString, **attributes: Any
+) -> dict[str, Any]:
+    parts = line.geoms if isinstance(line, shapely.MultiLineString) else [line]
     return {"attributes": {OID: oid, **attributes},
-            "geometry": {"paths": [[list(p) for p in line.coords]]}}
+            "geometry": {"paths": [[list(p) for p in part.coords] for part in parts]}}
 
 
 def geojson_bytes(

@@ -39,6 +39,7 @@ import numpy as np
 import pyproj
 import pytest
 import shapely
+import shapely.affinity
 from shapely.geometry.base import BaseGeometry
 from structlog.testing import capture_logs
 
@@ -192,10 +193,11 @@ def addr(lonlat: sd.LonLat, **attributes: Any) -> dict[str, Any]:
 
 
 def esri_layer(servers: Servers, name: str, features: list[dict[str, Any]],
-               geometry_type: str = "esriGeometryPoint") -> str:
+               geometry_type: str = "esriGeometryPoint", **quirks: Any) -> str:
     # A small page size makes every ESRI case page through the layer.
     return servers.arcgis.add_layer(
-        name, FakeLayer(features=features, geometry_type=geometry_type, max_record_count=2))
+        name, FakeLayer(features=features, geometry_type=geometry_type, max_record_count=2,
+                        **quirks))
 
 
 # us/ks/lane_county: a plain CSV over http with lon/lat columns.
@@ -593,8 +595,9 @@ def hamburg(s: Servers) -> Expected:
     folder = s.scratch / "hamburg"
     sd.write_ogr(folder / "ALKIS_Adressen_HH.gml", "GML", records,
                  [shapely.Point(c) for c in xy], crs=srs)
-    meridian = sd.from_srs([xy[3]], srs)[0]
-    # The first three come back to their known lon/lat; the fourth lies on 9°E exactly.
+    # The first three come back to their known lon/lat; the fourth lies on 9°E exactly (its
+    # latitude, which has no round published value, is pyproj's).
+    meridian = (UTM32_CENTRAL_LON, sd.from_srs([xy[3]], srs)[0][1])
     points = [*p, meridian]
     return Expected(
         url=s.http.add("/opendata/ALKIS_Adressen/ALKIS_Adressen_HH_2026-07-03.zip",
@@ -795,7 +798,8 @@ def datong(s: Servers) -> Expected:
     features = [sd.esri_point(i + 1, *p[i], ADDRESSALL=d[0], ROAD=d[1], VILLAGENAM=d[2],
                               TOWNNAME=d[3]) for i, d in enumerate(data)]
     return Expected(
-        url=esri_layer(s, "tw-datong", features),
+        # An older MapServer without pagination: the dump goes by object ids.
+        url=esri_layer(s, "tw-datong", features, supports_pagination=False),
         rows=[addr(p[i], number=d[4], street=d[1], city=d[2], district=d[3])
               for i, d in enumerate(data)],
         sample_fields=("ADDRESSALL", "ROAD"),
@@ -833,7 +837,10 @@ def champaign(s: Servers) -> Expected:
 
 @case("us/il/champaign", layer="parcels")
 def champaign_parcels(s: Servers) -> Expected:
-    shapes = _parcel_shapes((-88.2434, 40.1164), 3)
+    shapes: list[shapely.Polygon] = _parcel_shapes((-88.2434, 40.1164), 3)
+    # A lot with a hole (a courtyard parcel cut out): Esri's counter-clockwise inner ring.
+    hole = sd.square(shapes[1].centroid.coords[0], 0.00005)
+    shapes[1] = shapely.Polygon(shapes[1].exterior.coords, [hole.exterior.coords])
     pins = ["46-21-08-101-001", "46-21-08-101-002", "46-21-08-101-003"]
     features = [sd.esri_polygon(i + 1, g, PIN_DASH=pins[i]) for i, g in enumerate(shapes)]
     return Expected(
@@ -888,12 +895,16 @@ def marathon(s: Servers) -> Expected:
             (2100, "S", "GRAND", "AVE", "")]
     features = [sd.esri_point(i + 1, *p[i], HOUSE_NUMBER1=d[0], PREDIR=d[1], STREET1=d[2],
                               STREETTYPE=d[3], APTALPHA=d[4]) for i, d in enumerate(data)]
+    # Real layers hold features without a geometry: dropped and counted.
+    features.append({"attributes": {sd.OID: 4, "HOUSE_NUMBER1": 9.0, "PREDIR": "",
+                                    "STREET1": "LOST", "STREETTYPE": "RD", "APTALPHA": ""},
+                     "geometry": None})
     return Expected(
         url=esri_layer(s, "wi-marathon-addresses", features),
         rows=[addr(p[0], number="1203", street="N 1ST ST"),
               addr(p[1], number="407", street="GRAND AVE", unit="B"),
               addr(p[2], number="2100", street="S GRAND AVE")],
-        sample_fields=("HOUSE_NUMBER1", "STREET1"),
+        dropped_rows=1, sample_fields=("HOUSE_NUMBER1", "STREET1"),
     )
 
 
@@ -999,7 +1010,10 @@ def san_francisco_buildings(s: Servers) -> Expected:
 
 @case("us/ca/san_francisco", layer="centerlines")
 def san_francisco_centerlines(s: Servers) -> Expected:
-    lines = _lines((-122.4194, 37.7749), 4)
+    lines: list[BaseGeometry] = list(_lines((-122.4194, 37.7749), 4))
+    # A street in two pieces (interrupted by a plaza): one feature, two Esri paths.
+    second = shapely.affinity.translate(lines[3], xoff=0.0025)
+    lines[3] = shapely.MultiLineString([lines[3], second])
     data = [(1000, "MARKET ST", "1", 1, 99, 2, 98, "94102"),
             (2000, "ALLEY", "0", 0, 0, 0, 0, "94110"),
             (3000, "OAK ST", "5", 100, 198, 101, 199, "94117"),
@@ -1018,7 +1032,7 @@ def san_francisco_centerlines(s: Servers) -> Expected:
              "addr_to_right": text(d[6]), "zip_left": d[7], "zip_right": d[7]}
             for i, d in enumerate(data)]
     return Expected(url=esri_layer(s, "ca-sf-centerlines", features, "esriGeometryPolyline"),
-                    rows=rows, shapes=list(lines), geometry_type="LineString",
+                    rows=rows, shapes=lines, geometry_type="MultiLineString",
                     sample_fields=("cnn", "streetname", "classcode"))
 
 
@@ -1167,6 +1181,22 @@ def test_real_source(case_: Case, servers: Servers, tmp_path: Path) -> None:
     check_run(case_, servers, expected, state, outdir)
 
 
+def test_same_data_gives_the_same_outputs(servers: Servers, tmp_path: Path) -> None:
+    """Hashes are deterministic: two runs of one entry over the same data write the same
+    out.csv and out.geojson, byte for byte."""
+    expected = lane_county(servers)
+    source = with_data_url(real_source("us/ks/lane_county"), "addresses", "county",
+                           expected.url)
+    outputs = []
+    for attempt in ("first", "second"):
+        run_in_process(request_for(source, "us/ks/lane_county", "addresses", "county",
+                                   tmp_path / attempt))
+        out = tmp_path / attempt / "out"
+        outputs.append(((out / "out.csv").read_bytes(), (out / "out.geojson").read_bytes()))
+    assert outputs[0] == outputs[1]
+    assert len({r["HASH"] for r in read_csv(tmp_path / "first" / "out")}) == 4
+
+
 def test_every_real_source_and_entry_has_a_case() -> None:
     covered = {(c.path, c.layer, c.entry) for c in CASES} | {("us/mo/dallas", "addresses",
                                                               "county")}
@@ -1177,6 +1207,45 @@ def test_every_real_source_and_entry_has_a_case() -> None:
             wanted |= {(path, layer, e["name"]) for e in entries}
     assert len({w[0] for w in wanted}) == 24
     assert wanted == covered
+
+
+def test_gzip_source_already_inflated_by_content_encoding(servers: Servers,
+                                                          tmp_path: Path) -> None:
+    """fr/01 says gzip; a server (or proxy) that sends the .gz with Content-Encoding: gzip has
+    it inflated by the client, and the run must read the plain CSV it got."""
+    header = ["id", "numero", "rep", "nom_voie", "code_postal", "nom_commune", "lon", "lat",
+              "type_position"]
+    p = sd.near((5.2258, 46.2052), 2)
+    plain = sd.csv_bytes(header, [
+        ("01053_0100_00012", "12", "bis", "Rue de la République", "01000", "Bourg-en-Bresse",
+         *p[0], "entrée"),
+        ("01053_0100_00014", "14", "", "Rue de la République", "01000", "Bourg-en-Bresse",
+         *p[1], "parcelle"),
+    ], delimiter=";")
+    url = servers.http.add("/data/ban/encoded/adresses-01.csv.gz", sd.gzip_bytes(plain),
+                           content_type="text/csv", headers={"Content-Encoding": "gzip"})
+    source = with_data_url(real_source("fr/01/statewide"), "addresses", "state", url)
+    state = run_in_process(request_for(source, "fr/01/statewide", "addresses", "state",
+                                       tmp_path))
+    assert state.source_problem is None, state.error
+    rows = read_geojson(tmp_path / "out")
+    assert [(r["properties"]["number"], r["properties"]["accuracy"]) for r in rows] == [
+        ("12bis", "2"), ("14", "2")]
+
+
+def test_failing_acceptance_test_fails_the_run_before_download(servers: Servers,
+                                                               tmp_path: Path) -> None:
+    source = real_source("us/tx/city_of_mckinney")
+    entry = source["layers"]["addresses"][0]
+    entry["test"]["acceptance-tests"][1]["expected"]["unit"] = "BLDG 2"  # wrong on purpose
+    url = servers.arcgis.layer_url("tx-mckinney-never-asked")
+    source = with_data_url(source, "addresses", "city", url)
+    state = run_in_process(request_for(source, "us/tx/city_of_mckinney", "addresses", "city",
+                                       tmp_path))
+    assert state.source_problem == "test_failed"
+    assert state.tests_passed is False
+    assert "BLDG 1" in (state.error or "") and "BLDG 2" in (state.error or "")
+    assert not any("never-asked" in r.path for r in servers.arcgis.requests)
 
 
 # us/mo/dallas: skip: true and no conform: skipped, not failed, and nothing fetched.
