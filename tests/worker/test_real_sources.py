@@ -1141,7 +1141,17 @@ def check_run(case_: Case, s: Servers, expected: Expected, state: RunState, outd
     assert index["license"] == (terms.get("text") or terms.get("url"))
     assert index["attribution name"] == terms.get("attribution name")
     assert index["cache"] and (outdir / index["cache"]).exists()
+    attributes = [a for a in expected.rows[0] if a not in ("lon", "lat", "inside")]
+    assert index["attribute counts"] == {
+        a: sum(1 for row in expected.rows if row[a] != "") for a in attributes}
+    assert index["preview"] is None or (outdir / index["preview"]).stat().st_size > 0
     if case_.layer == "addresses":
+        placed = [(r["lon"], r["lat"]) for r in expected.rows if "inside" not in r]
+        if len(placed) == len(expected.rows):
+            lons, lats = zip(*placed, strict=True)
+            want = (min(lons), min(lats), max(lons), max(lats))
+            assert all(abs(a - b) <= TOLERANCE_DEG
+                       for a, b in zip(index["bounds"], want, strict=True)), index["bounds"]
         assert index["processed zip"] == "processed.zip"
         check_addresses(outdir, expected)
         with zipfile.ZipFile(outdir / "processed.zip") as archive:
@@ -1407,13 +1417,19 @@ def test_csv_rows_of_the_wrong_width_are_skipped_and_counted(servers: Servers,
     assert total and total[0]["rows"] == 2
 
 
-def test_ten_megabyte_field(servers: Servers, tmp_path: Path) -> None:
-    long_street = "N" * (10 * 1024 * 1024)
+@pytest.mark.parametrize("encoding", ["utf-8", "cp949"])
+def test_ten_megabyte_field(servers: Servers, tmp_path: Path, encoding: str) -> None:
+    """A 10 MB value (far past Arrow's 1 MiB block) is read whole, in UTF-8 natively and in
+    CP949 through the recoder; the other rows are unharmed."""
+    # 10 MiB of text in the file: 1-byte letters in UTF-8, 2-byte Hangul in CP949.
+    long_street = "N" * (10 * 1024 * 1024) if encoding == "utf-8" else "길" * (5 * 1024 * 1024)
     p = sd.near((-100.4668, 38.4819), 2)
     body = sd.csv_bytes(LANE_HEADER, [("1", long_street, "DIGHTON", "67839", *p[0]),
-                                      ("2", "SHORT ST", "DIGHTON", "67839", *p[1])])
-    url = servers.http.add("/bad/long.csv", body, content_type="text/csv")
-    state = lane_run(url, tmp_path)
+                                      ("2", "SHORT ST", "DIGHTON", "67839", *p[1])],
+                        encoding=encoding)
+    assert len(body) > 10_000_000
+    url = servers.http.add(f"/bad/long-{encoding}.csv", body, content_type="text/csv")
+    state = lane_run(url, tmp_path, conform={"encoding": encoding})
     assert state.source_problem is None, state.error
     assert state.feature_count == 2
     rows = read_csv(tmp_path / "out")
