@@ -11,22 +11,22 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
 
-from shared.errors import SourceError
-from shared.sources import attribution, get_entry, is_skipped
 from services.worker.conform.acceptance import run_acceptance_tests
 from services.worker.conform.engine import GEOMETRY, Conformer
 from services.worker.conform.functions import referenced_fields
 from services.worker.conform.readers import open_reader
-from services.worker.conform.writers import OutputWriter, OutputSummary
+from services.worker.conform.writers import OutputSummary, OutputWriter
 from services.worker.errors import RunError
 from services.worker.isolation import RunRequest
 from services.worker.sources.archive import unpack
@@ -34,10 +34,19 @@ from services.worker.sources.fetch import Conditional, Download, fetch
 from services.worker.sources.guard import UrlPolicy
 from services.worker.state import RunState
 from services.worker.version import CODE_VERSION
+from shared.errors import SourceError
+from shared.sources import attribution, get_entry, is_skipped
 
 log = logging.getLogger("oa.run")
+T = TypeVar("T")
 
 SAMPLE_ROWS = 5
+#: Rows per batch through the engine: big enough that the per-batch Python work and kernel
+#: set-up are a small share, small enough that the batches in flight between the pipeline
+#: stages keep the peak RSS low.
+BATCH_ROWS = 32_768
+#: Batches waiting between two pipeline stages.
+_STAGE_QUEUE = 2
 
 
 def run_entry(request: RunRequest) -> RunState:
@@ -180,21 +189,32 @@ def _conform(
 ) -> OutputSummary:
     terms = attribution(request.source, get_entry(request.source, request.layer,
                                                   request.entry_name))
-    with open_reader(data_path, conform) as reader:
+    with open_reader(data_path, conform, batch_rows=BATCH_ROWS) as reader:
         has_geometry = reader.geometry_type is not None
         conformer = Conformer(request.layer, conform, reader.fields, reader.crs,  # type: ignore[arg-type]
                               has_geometry=has_geometry)
         writer = OutputWriter(outdir, request.layer, source_name=request.source_path,
                               attribution=terms)
-        with _progress(request.progress, "conform", " features") as tick:
-            done = 0
-            for index, batch in enumerate(reader.batches()):
+        sample_path = outdir / "sample.json"
+
+        def conformed(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.RecordBatch, int]]:
+            for index, batch in enumerate(batches):
                 if index == 0:
-                    _write_sample(batch, outdir / "sample.json")
+                    _write_sample(batch, sample_path)
                     state.sample = "sample.json"
-                writer.write(conformer.conform(batch))
-                done += batch.num_rows
-                tick(done)
+                yield conformer.conform(batch), batch.num_rows
+
+        # Three stages on their own threads: reading (Arrow's CSV parser, OGR), conforming
+        # and writing (whose sinks add file and deflate threads). Arrow and NumPy kernels
+        # release the GIL, so the stages overlap; short queues keep memory flat.
+        raw = _in_thread(_rebatched(reader.batches(), BATCH_ROWS), "read")
+        with _progress(request.progress, "conform", " features") as tick, raw:
+            done = 0
+            with _in_thread(conformed(raw), "conform") as stage:
+                for out, rows in stage:
+                    writer.write(out)
+                    done += rows
+                    tick(done)
         summary = writer.close()
     state.feature_count = summary.feature_count
     state.geometry_type = summary.geometry_type
@@ -207,6 +227,78 @@ def _conform(
     log.info("conformed %d features (%d rows dropped without usable geometry)",
              summary.feature_count, conformer.dropped_rows)
     return summary
+
+
+def _rebatched(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Batches of about ``rows`` rows: the CSV reader yields one per 1 MiB block (~10,000
+    rows), and every batch costs fixed Python and kernel set-up work downstream."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        if not pending and batch.num_rows >= rows:
+            yield batch
+            continue
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.concat_batches(pending)
+            pending, count = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+
+
+class _in_thread(Generic[T]):
+    """Run an iterator on its own thread, handing its items over through a short queue.
+
+    Use as a context manager and iterate it; leaving the block stops the thread (it is
+    joined before the reader or writer behind it is closed). An exception in the thread is
+    raised again in the consumer, unchanged.
+    """
+
+    def __init__(self, items: Iterator[T], name: str) -> None:
+        self._items = items
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(_STAGE_QUEUE)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"stage-{name}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[bool, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put((False, item)):
+                    return
+            self._put((True, None))
+        except BaseException as exc:  # handed to the consumer
+            self._put((True, exc))
+        finally:
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            done, item = self._queue.get()
+            if done:
+                if item is not None:
+                    raise item
+                return
+            yield item
+
+    def __enter__(self) -> _in_thread[T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _write_sample(batch: pa.RecordBatch, path: Path) -> None:

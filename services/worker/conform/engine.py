@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyproj
 
-from shared.messages import Layer
 from services.worker.conform.cleaning import clean
 from services.worker.conform.functions import Evaluator
 from services.worker.conform.geometry import (
@@ -27,6 +26,7 @@ from services.worker.conform.geometry import (
 from services.worker.conform.hashing import hash_rows
 from services.worker.conform.layers import LAYER_ATTRIBUTES
 from services.worker.errors import RunError
+from shared.messages import Layer
 
 GEOMETRY = "__geometry__"
 #: Keys under which the conform's lon/lat specs are evaluated (not attributes of any layer).
