@@ -392,7 +392,9 @@ def seoul(s: Servers) -> Expected:
     lines.append(origin)
     body = sd.csv_bytes(None, lines, delimiter="|", encoding="cp949")
     decoy = sd.csv_bytes(None, [("x",) * 20], delimiter="|", encoding="cp949")
-    archive = sd.zip_bytes({"entrc_busan.txt": decoy, "entrc_seoul.txt": body})
+    # Inside a top folder, as zips made from a folder are: `file` still names the member.
+    archive = sd.zip_bytes({"korea-feb2017/entrc_busan.txt": decoy,
+                            "korea-feb2017/entrc_seoul.txt": body})
     rows = [
         addr(p[i], number=numbers[i], street=base[i][7], postcode=base[i][12],
              district=base[i][5], city=base[i][4], region=base[i][3],
@@ -454,7 +456,8 @@ def anson(s: Servers) -> Expected:
         {"NUMBER": 17, "STREET": "MORVEN RD", "APT_NUMBER": "", "COMMUNITY": "MORVEN"},
     ]
     points = [shapely.Point(xy) for xy in sd.to_srs(p, srs)]
-    members = _shapefile_members(s, "anson", "address", records, points, srs, "911/",
+    # The county's export spells the file in capitals; `file` matches case-insensitively.
+    members = _shapefile_members(s, "anson", "ADDRESS", records, points, srs, "911/",
                                  {"NUMBER": "int"})
     decoy = [{"NUMBER": 1, "STREET": "DECOY", "APT_NUMBER": "", "COMMUNITY": "X"}]
     members.update(_shapefile_members(s, "anson-old", "address", decoy, points[:1], srs,
@@ -628,7 +631,7 @@ def washington(s: Servers) -> Expected:
 
 # us/tx/city_of_mckinney: ESRI; postfixed_unit and postfixed_street with may_contain_units;
 # inline acceptance tests.
-@case("us/tx/city_of_mckinney")
+@case("us/tx/city_of_mckinney", mode="child")
 def mckinney(s: Servers) -> Expected:
     p = sd.near((-96.6153, 33.1972), 6)
     data = [
@@ -1315,6 +1318,12 @@ def test_404_is_download_failed(servers: Servers, tmp_path: Path, quick_fetch: N
     assert "404" in (state.error or "")
     assert state.feature_count is None
     assert servers.http.count("/bad/missing.csv") == 1  # a 404 is final: no retries
+    # The same through `oa-machine process-one`: exit status 1 and the reason on stderr.
+    source = lane_source(servers.http.url("/bad/missing.csv"))
+    done, outdir = run_cli(source, "us/ks/lane_county", "addresses", "county", tmp_path / "cli")
+    assert done.returncode == 1
+    assert "failed (download_failed)" in done.stderr and "404" in done.stderr
+    assert json.loads((outdir / "index.json").read_text())["source problem"] == "download_failed"
 
 
 def test_500_then_success(servers: Servers, tmp_path: Path, quick_fetch: None) -> None:
