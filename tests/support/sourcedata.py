@@ -125,9 +125,11 @@ def write_ogr(
     crs: str,
     layer: str | None = None,
     types: Mapping[str, str] | None = None,
+    encoding: str | None = None,
 ) -> Path:
     """Write features with GDAL. ``types`` maps a field to ``int``/``float``/``str`` (default
-    ``str``); ``None`` values are written as nulls (empty for strings in a dbf)."""
+    ``str``); ``None`` values are written as nulls (empty for strings in a dbf). ``encoding``
+    is the shapefile's dbf encoding (GDAL also writes it to a .cpg)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(records[0]) if records else []
     types = types or {}
@@ -151,7 +153,7 @@ def write_ogr(
         warnings.filterwarnings("ignore", message=".* will be written as a Float64")
         ogr_write(
             str(path), wkb, field_data, names, layer=layer, driver=driver,
-            geometry_type=geometry_type, crs=crs,
+            geometry_type=geometry_type, crs=crs, encoding=encoding,
         )
     return path
 
