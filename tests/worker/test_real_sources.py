@@ -1474,6 +1474,38 @@ def test_ten_megabyte_field(servers: Servers, tmp_path: Path, encoding: str) -> 
     assert rows[0]["STREET"] == long_street and rows[1]["STREET"] == "SHORT ST"
 
 
+def test_html_page_instead_of_csv_names_the_missing_field(servers: Servers,
+                                                          tmp_path: Path) -> None:
+    """A portal answering 200 with an HTML page: the run fails saying which field is missing
+    and which fields there are."""
+    url = servers.http.add("/bad/login.csv", b"<html><body>Please log in</body></html>\n",
+                           content_type="text/html")
+    state = lane_run(url, tmp_path)
+    assert state.source_problem == "conform_failed"
+    assert "'NUM'" in (state.error or "") and "<html><body>Please log in</body></html>" in (
+        state.error or "")
+
+
+def test_header_only_csv_has_no_features(servers: Servers, tmp_path: Path) -> None:
+    url = servers.http.add("/bad/empty.csv", sd.csv_bytes(LANE_HEADER, []),
+                           content_type="text/csv")
+    state = lane_run(url, tmp_path)
+    assert state.source_problem == "no_features"
+    assert state.feature_count == 0
+
+
+def test_zip_without_the_named_file(servers: Servers, tmp_path: Path) -> None:
+    """ch/uri names ch-ur.csv; a zip that lacks it must not be read from another member."""
+    header = ["gwr_egid", "hausnummer", "strassennamen", "ortschaft", "plz", "X", "Y"]
+    body = sd.zip_bytes({"ch-sz.csv": sd.csv_bytes(header, [("1", "1", "A", "B", "6430",
+                                                              8.6, 47.0)])})
+    url = servers.http.add("/bad/ch-ur.csv.zip", body)
+    source = with_data_url(real_source("ch/uri"), "addresses", "city", url)
+    state = run_in_process(request_for(source, "ch/uri", "addresses", "city", tmp_path))
+    assert state.source_problem == "download_failed"
+    assert "ch-ur.csv" in (state.error or "")
+
+
 def _regexp_source(url: str, pattern: str) -> dict[str, Any]:
     return lane_source(url, city={"function": "regexp", "field": "CITY", "pattern": pattern,
                                   "replace": "x"})
