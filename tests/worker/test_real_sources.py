@@ -1251,6 +1251,29 @@ def test_gzip_source_already_inflated_by_content_encoding(servers: Servers,
         ("12bis", "2"), ("14", "2")]
 
 
+def test_latin1_csv_when_the_source_says_so(servers: Servers, tmp_path: Path) -> None:
+    """ca/qc/province with ``"encoding": "ISO-8859-1"`` added, over a Latin-1 file."""
+    p = sd.near((-71.2080, 46.8139), 2)
+    header = ["numero_municipal", "numero_municipal_suffixe", "numero_unite",
+              "odonyme_recompose_court", "nom_municipalite", "code_postal", "latitude",
+              "longitude"]
+    raw = [("10", "", "", "rue Saint-Louis", "Québec", "G1R 3Z2"),
+           ("4", "B", "", "côte de la Fabrique", "Lévis", "G6V 1A1")]
+    rows = [(*r, y, x) for r, (x, y) in zip(raw, sd.to_srs(p, "EPSG:4617"), strict=True)]
+    body = sd.zip_bytes({"Adresses.csv": sd.csv_bytes(header, rows, encoding="iso-8859-1")})
+    assert "Québec".encode("iso-8859-1") in zipfile.ZipFile(io.BytesIO(body)).read(
+        "Adresses.csv")
+    source = real_source("ca/qc/province")
+    source["layers"]["addresses"][0]["conform"]["encoding"] = "ISO-8859-1"
+    source = with_data_url(source, "addresses", "state",
+                           servers.http.add("/diffusion/latin1/RQA_CSV.zip", body))
+    state = run_in_process(request_for(source, "ca/qc/province", "addresses", "state",
+                                       tmp_path))
+    assert state.source_problem is None, state.error
+    got = [(r["NUMBER"], r["STREET"], r["CITY"]) for r in read_csv(tmp_path / "out")]
+    assert got == [("10", "rue Saint-Louis", "Québec"), ("4B", "côte de la Fabrique", "Lévis")]
+
+
 def test_failing_acceptance_test_fails_the_run_before_download(servers: Servers,
                                                                tmp_path: Path) -> None:
     source = real_source("us/tx/city_of_mckinney")
