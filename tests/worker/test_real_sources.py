@@ -974,9 +974,20 @@ def san_francisco(s: Servers) -> Expected:
         ("300000-3-0", "50", "", "THE EMBARCADERO", "", "", "94105"),
     ]
     rows = [(*r, lon, lat, f"POINT ({lon} {lat})") for r, (lon, lat) in zip(raw, p, strict=True)]
-    url = s.http.add("/api/views/ramy-di5m/rows.csv", sd.csv_bytes(header, rows),
-                     content_type="text/csv")
+    # The portal redirects the export to its file store, which sends validators.
+    target = s.http.add("/storage/exports/ramy-di5m/rows.csv", sd.csv_bytes(header, rows),
+                        content_type="text/csv", etag='"sf-rows-1"',
+                        last_modified="Sat, 21 Nov 2026 08:00:00 GMT")
+    url = s.http.add("/api/views/ramy-di5m/rows.csv", redirect_to=target)
+
+    def validators(s: Servers, state: RunState, outdir: Path) -> None:
+        index = json.loads((outdir / "index.json").read_text())
+        assert index["etag"] == '"sf-rows-1"'
+        assert index["last modified"] == "Sat, 21 Nov 2026 08:00:00 GMT"
+        assert s.http.count("/storage/exports/ramy-di5m/rows.csv") == 1
+
     return Expected(
+        check=validators,
         url=url + SF_QUERY,
         rows=[addr(p[i], id=r[0], number=f"{r[1]} {r[2]}".strip(),
                    street=f"{r[3]} {r[4]}".strip(), unit=r[5], postcode=r[6],
