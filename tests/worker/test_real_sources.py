@@ -1071,7 +1071,7 @@ def isanti_points(s: Servers) -> Expected:
     )
 
 
-@case("us/mn/isanti", entry="parcels")
+@case("us/mn/isanti", entry="parcels", mode="cli")
 def isanti_parcels(s: Servers) -> Expected:
     p = sd.near((-93.2338, 45.5627), 3)
     data = [("325 BIRCH ST N", "CAMBRIDGE", "55008", "16.001.0100", "325", "BIRCH ST N"),
