@@ -8,6 +8,8 @@ module turns that into the run's state. It runs inside the isolated child proces
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import logging
 import os
@@ -44,9 +46,12 @@ SAMPLE_ROWS = 5
 #: Rows per batch through the engine: big enough that the per-batch Python work and kernel
 #: set-up are a small share, small enough that the batches in flight between the pipeline
 #: stages keep the peak RSS low.
-BATCH_ROWS = 32_768
+BATCH_ROWS = 16_384
 #: Batches waiting between two pipeline stages.
 _STAGE_QUEUE = 2
+#: glibc mallopt parameters (malloc.h) and the values we set; see _return_freed_memory.
+_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 128 * 1024
+_M_ARENA_MAX, _ARENA_MAX = -8, 2
 
 
 def run_entry(request: RunRequest) -> RunState:
@@ -189,6 +194,7 @@ def _conform(
 ) -> OutputSummary:
     terms = attribution(request.source, get_entry(request.source, request.layer,
                                                   request.entry_name))
+    _return_freed_memory()
     with open_reader(data_path, conform, batch_rows=BATCH_ROWS) as reader:
         has_geometry = reader.geometry_type is not None
         conformer = Conformer(request.layer, conform, reader.fields, reader.crs,  # type: ignore[arg-type]
@@ -227,6 +233,24 @@ def _conform(
     log.info("conformed %d features (%d rows dropped without usable geometry)",
              summary.feature_count, conformer.dropped_rows)
     return summary
+
+
+@functools.cache
+def _return_freed_memory() -> None:
+    """Make freed memory go back to the system, so the peak RSS is what is really in use.
+
+    The batches of a run are allocated on one thread and freed on another. Arrow's default
+    pool (mimalloc) and glibc's per-thread arenas keep such memory cached per thread, and
+    glibc raises its mmap threshold after every large free, so a run's RSS settled some
+    100 MiB above its live data. The system pool with a fixed mmap threshold returns every
+    large buffer on free, at a cost within the noise of the benchmark (docs/benchmarks.md).
+    The child process belongs to one run, so these process-wide settings are its own.
+    """
+    pa.set_memory_pool(pa.system_memory_pool())
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_ARENA_MAX, _ARENA_MAX)
 
 
 def _rebatched(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:

@@ -28,6 +28,7 @@ _LOW_PERCENTILE: Final = 0.5
 _HIGH_PERCENTILE: Final = 99.5
 _MAX_OUTLINE_VERTICES: Final = 256
 _DENSE_POINT_COUNT: Final = 100_000
+_DRAW_CHUNK: Final = 65_536
 
 
 def _reservoir_moves(
@@ -76,7 +77,9 @@ class PreviewSample:
     seed: int = 20240601  # fixed, so the same data always gives the same picture
     points_seen: int = 0
     shapes_seen: int = 0
+    #: Slots 0.._filled-1 of this buffer hold the sample; it grows by doubling.
     _points: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))
+    _filled: int = 0
     _shapes: list[list[np.ndarray]] = field(default_factory=list)
     _rng: np.random.Generator = field(init=False)
 
@@ -86,7 +89,7 @@ class PreviewSample:
     @property
     def points(self) -> np.ndarray:
         """Sampled point coordinates, shape (k, 2), lon then lat."""
-        return self._points
+        return self._points[: self._filled]
 
     @property
     def outlines(self) -> list[np.ndarray]:
@@ -94,7 +97,7 @@ class PreviewSample:
         return [part for shape in self._shapes for part in shape]
 
     def __len__(self) -> int:
-        return len(self._points) + len(self._shapes)
+        return self._filled + len(self._shapes)
 
     def add_points(self, lon: np.ndarray, lat: np.ndarray) -> None:
         coordinates = np.column_stack([lon, lat]).astype(np.float64, copy=False)
@@ -103,9 +106,14 @@ class PreviewSample:
             self._rng, len(coordinates), self.max_points, self.points_seen
         )
         self.points_seen += len(coordinates)
-        growth = int(slots.max()) + 1 - len(self._points) if len(slots) else 0
-        if growth > 0:
-            self._points = np.vstack([self._points, np.empty((growth, 2))])
+        needed = int(slots.max()) + 1 if len(slots) else 0
+        if needed > len(self._points):
+            # Doubling: a copy per batch of the whole sample cost more than the sampling.
+            capacity = min(self.max_points, max(needed, 2 * len(self._points)))
+            grown = np.empty((capacity, 2))
+            grown[: self._filled] = self._points[: self._filled]
+            self._points = grown
+        self._filled = max(self._filled, needed)
         self._points[slots] = coordinates[sources]
 
     def add_geometries(self, geometries: np.ndarray) -> None:
@@ -148,8 +156,8 @@ class _Frame:
 
 def _robust_bounds(coordinates: np.ndarray) -> tuple[float, float, float, float]:
     if len(coordinates) >= _ROBUST_MIN_COUNT:
-        low = np.percentile(coordinates, _LOW_PERCENTILE, axis=0)
-        high = np.percentile(coordinates, _HIGH_PERCENTILE, axis=0)
+        # One call sorts once for both; the values are the same as two calls.
+        low, high = np.percentile(coordinates, [_LOW_PERCENTILE, _HIGH_PERCENTILE], axis=0)
     else:
         low, high = coordinates.min(axis=0), coordinates.max(axis=0)
     return float(low[0]), float(low[1]), float(high[0]), float(high[1])
@@ -178,15 +186,18 @@ def _frame(coordinates: np.ndarray, width: int) -> _Frame:
     )
 
 
-def _draw_points(canvas: np.ndarray, pixels: np.ndarray) -> None:
+def _draw_points(canvas: np.ndarray, pixels: np.ndarray, *, dense: bool | None = None) -> None:
     """Small dots set straight into the pixel array (a draw call per point would be slow).
 
-    2x2 px while sparse; 1 px once there are enough points to fill an area by themselves.
+    2x2 px while sparse; 1 px once there are enough points to fill an area by themselves
+    (``dense``: whether the whole sample is that big, when ``pixels`` is a slice of it).
     """
+    if dense is None:
+        dense = len(pixels) > _DENSE_POINT_COUNT
     height, width = canvas.shape[:2]
     x = np.floor(pixels[:, 0]).astype(np.int64)
     y = np.floor(pixels[:, 1]).astype(np.int64)
-    offsets = ((0, 0),) if len(pixels) > _DENSE_POINT_COUNT else ((0, 0), (1, 0), (0, 1), (1, 1))
+    offsets = ((0, 0),) if dense else ((0, 0), (1, 0), (0, 1), (1, 1))
     for dx, dy in offsets:
         xs, ys = x + dx, y + dy
         inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
@@ -202,8 +213,11 @@ def render_preview(sample: PreviewSample, path: Path, width: int = PREVIEW_WIDTH
     frame = _frame(coordinates, width)
     canvas = np.empty((frame.height, frame.width, 3), dtype=np.uint8)
     canvas[:] = _BACKGROUND
-    if len(sample.points):
-        _draw_points(canvas, frame.pixels(sample.points))
+    points = sample.points
+    dense = len(points) > _DENSE_POINT_COUNT
+    # In slices, so the pixel arrays of a 500,000-point sample never exist all at once.
+    for start in range(0, len(points), _DRAW_CHUNK):
+        _draw_points(canvas, frame.pixels(points[start : start + _DRAW_CHUNK]), dense=dense)
     image = Image.fromarray(canvas)
     if outlines:
         draw = ImageDraw.Draw(image)

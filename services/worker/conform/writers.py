@@ -43,7 +43,7 @@ PREVIEW_NAME: Final = "preview.png"
 _WRITE_BUFFER_BYTES: Final = 1 << 20
 # Level 1: deflate at 6 is ~3x slower for ~15% smaller files, and the zip is a legacy format.
 _ZIP_COMPRESSLEVEL: Final = 1
-_SINK_QUEUE_BATCHES: Final = 4
+_SINK_QUEUE_BATCHES: Final = 2
 _CRLF: Final = "\r\n"
 _COORDINATE_DECIMALS: Final = 7
 _COORDINATE_GRID: Final = 10**_COORDINATE_DECIMALS
