@@ -17,7 +17,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -203,7 +203,7 @@ def _conform(
                               attribution=terms)
         sample_path = outdir / "sample.json"
 
-        def conformed(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.RecordBatch, int]]:
+        def conformed(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[pa.RecordBatch, int]]:
             for index, batch in enumerate(batches):
                 if index == 0:
                     _write_sample(batch, sample_path)

@@ -252,7 +252,8 @@ def _code_point_class(test: Callable[[str], bool]) -> str:
     milliseconds rather than the seconds a Python loop over 1.1M code points took.
     """
     passing = "".join(filter(test, _non_ascii_text()))
-    points = np.frombuffer(passing.encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(np.int64)
+    encoded = passing.encode("utf-32-le", "surrogatepass")
+    points = np.frombuffer(encoded, dtype="<u4").astype(np.int64)
     if not len(points):
         return ""
     breaks = np.flatnonzero(np.diff(points) != 1)
@@ -352,7 +353,16 @@ class _Regex:
     python: re.Pattern[str]
     ascii: str | None  #: None: RE2 cannot run it faithfully, use Python per value
     unicode: str | None  #: for the rows the gate picks; None: Python per value for those
-    gate: str | None  #: rows needing Unicode semantics; None: the ASCII pattern fits all rows
+    #: The shorthands whose Unicode meaning the gate must catch; None: no gate needed.
+    gate_kinds: frozenset[str] | None
+
+    @property
+    def gate(self) -> str | None:
+        """Rows needing Unicode semantics; None: the ASCII pattern fits all rows.
+
+        Built on first use (a tenth of a second per kind): all-ASCII data never needs it.
+        """
+        return None if self.gate_kinds is None else _gate(self.gate_kinds)
 
     @classmethod
     def compile(cls, pattern: str, where: str) -> _Regex:
@@ -366,7 +376,7 @@ class _Regex:
         if not shorthands:
             return cls(python, ascii_, None, None)
         unicode, _ = cls._to_re2(pattern, python, _UNICODE_OUTSIDE, _UNICODE_INSIDE)
-        return cls(python, ascii_, unicode, _gate(frozenset(shorthands)))
+        return cls(python, ascii_, unicode, frozenset(shorthands))
 
     @staticmethod
     def _to_re2(
@@ -387,7 +397,7 @@ class _Regex:
         values = _text(values)
         if self.ascii is None:
             return python(values, "")
-        if self.gate is None or _is_ascii(values):
+        if self.gate_kinds is None or _is_ascii(values):
             # The gate only matches non-ASCII characters, so ASCII text needs no gate pass.
             return kernel(values, self.ascii)
         unicode_rows = pc.match_substring_regex(values, self.gate)
