@@ -134,9 +134,42 @@ def _point_on_surface_or_box_centre(geom: shapely.Geometry) -> shapely.Geometry 
         return None if np.isnan(xmin) else shapely.Point((xmin + xmax) / 2, (ymin + ymax) / 2)
 
 
+_WKB_POINT_BYTES = 21  # byte order, uint32 type, x, y
+
+
+def _plain_points(wkb: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """x and y straight from the bytes when every row is a little-endian 2D WKB point.
+
+    That is what point shapefiles and GeoJSON give, and it saves building a GEOS object
+    per row; the values are the ones GEOS would return (an empty point is NaN, NaN there
+    too). Anything else (nulls, other types, Z/M, big-endian) returns None.
+    """
+    if isinstance(wkb, pa.ChunkedArray):
+        wkb = wkb.combine_chunks()
+    if isinstance(wkb, pa.ExtensionArray):
+        wkb = wkb.storage
+    if wkb.null_count or not pa.types.is_binary(wkb.type) or len(wkb) == 0:
+        return None
+    _, offset_buffer, data_buffer = wkb.buffers()
+    offsets = np.frombuffer(offset_buffer, dtype=np.int32)[wkb.offset : wkb.offset + len(wkb) + 1]
+    start = int(offsets[0])
+    if int(offsets[-1]) - start != _WKB_POINT_BYTES * len(wkb):
+        return None
+    if not (np.diff(offsets) == _WKB_POINT_BYTES).all():
+        return None
+    raw = np.frombuffer(data_buffer, dtype=np.uint8)[start : start + _WKB_POINT_BYTES * len(wkb)]
+    rows = raw.reshape(len(wkb), _WKB_POINT_BYTES)
+    kind = rows[:, 1:5].copy().view("<u4")[:, 0]
+    if not ((rows[:, 0] == 1).all() and (kind == 1).all()):
+        return None
+    coordinates = rows[:, 5:].copy().view("<f8")
+    return coordinates[:, 0].copy(), coordinates[:, 1].copy()
+
+
 def lonlat_from_wkb(wkb: pa.Array, crs: pyproj.CRS) -> tuple[np.ndarray, np.ndarray]:
     """Longitude and latitude in EPSG:4326 of each geometry's representative point."""
-    x, y = representative_points(_geometries(wkb))
+    plain = _plain_points(wkb)
+    x, y = plain if plain is not None else representative_points(_geometries(wkb))
     return _to_wgs84(x, y, crs)
 
 
