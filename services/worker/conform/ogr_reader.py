@@ -186,7 +186,7 @@ def to_strings(column: pa.Array) -> pa.Array:
     """One OGR field's values as text (see the module docstring), nulls kept."""
     kind = column.type
     if pa.types.is_string(kind):
-        return column
+        return _valid_utf8(column)
     if pa.types.is_boolean(kind):
         return pc.if_else(column, "1", "0")
     if pa.types.is_floating(kind):
@@ -211,6 +211,32 @@ def to_strings(column: pa.Array) -> pa.Array:
         ],
         pa.string(),
     )
+
+
+def _valid_utf8(column: pa.Array) -> pa.Array:
+    """``column`` with every value valid UTF-8.
+
+    GDAL recodes a shapefile's dbf to UTF-8 only when it knows the code page (a ``.cpg``, the
+    dbf header, or the conform's ``encoding``); without one its Arrow stream passes the raw
+    bytes on in a string column, and the first ``as_py()`` fails. Such a dbf is ISO-8859-1,
+    the format's default and what GDAL itself reports for the layer, unless it happens to be
+    valid UTF-8, which many newer tools write without saying so: so values that are valid
+    UTF-8 stay, the others are read as ISO-8859-1 (which decodes any byte).
+    """
+    try:
+        column.validate(full=True)
+        return column
+    except pa.ArrowInvalid:
+        pass
+    raw = column.view(pa.binary()).to_pylist()
+    return pa.array([None if value is None else _decode(value) for value in raw], pa.string())
+
+
+def _decode(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("iso-8859-1")
 
 
 def _floats_to_strings(column: pa.Array) -> pa.Array:
