@@ -1300,14 +1300,11 @@ def test_failing_acceptance_test_fails_the_run_before_download(servers: Servers,
     assert not any("never-asked" in r.path for r in servers.arcgis.requests)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-    "ogr_reader: GDAL's Arrow stream hands a dbf without .cpg or code page over as raw "
-    "Latin-1 bytes in a string column (invalid UTF-8); sample.json's as_py() then raises"))
 def test_shapefile_without_code_page_is_read_as_latin1(servers: Servers,
                                                       tmp_path: Path) -> None:
     """us/nc/davie as many county exports ship it: a Latin-1 dbf, no .cpg, code page 0.
     GDAL itself reports such a layer as ISO-8859-1 (the shapefile default), so "CAÑON" must
-    come out as "CAÑON" (and a UTF-8 dbf without .cpg should stay readable)."""
+    come out as "CAÑON"; and a UTF-8 dbf without .cpg must stay readable too."""
     srs = "EPSG:2264"
     p = sd.near((-80.5612, 35.8940), 2)
     records = [{"HSNM": 9, "PREDIR": "", "STREET": "CAÑON", "TYPE": "TRL", "POSTDIR": "",
@@ -1315,13 +1312,22 @@ def test_shapefile_without_code_page_is_read_as_latin1(servers: Servers,
                {"HSNM": 11, "PREDIR": "", "STREET": "MAIN", "TYPE": "ST", "POSTDIR": "",
                 "UNIT": ""}]
     squares = [sd.square(xy, 10.0) for xy in sd.to_srs(p, srs)]
-    members = _shapefile_members(servers, "davie-latin1", "address", records, list(squares),
-                                 srs, types={"HSNM": "int"}, latin1_without_cpg=True)
-    url = servers.http.add("/DavieGISweb/gisdata/latin1/address.zip", sd.zip_bytes(members))
-    source = with_data_url(real_source("us/nc/davie"), "addresses", "county", url)
-    state = run_in_process(request_for(source, "us/nc/davie", "addresses", "county", tmp_path))
-    assert state.source_problem is None, state.error
-    assert [r["STREET"] for r in read_csv(tmp_path / "out")] == ["CAÑON TRL", "MAIN ST"]
+    latin1 = _shapefile_members(servers, "davie-latin1", "address", records, list(squares),
+                                srs, types={"HSNM": "int"}, latin1_without_cpg=True)
+    utf8 = _shapefile_members(servers, "davie-utf8", "address", records, list(squares), srs,
+                              types={"HSNM": "int"})
+    del utf8["address.cpg"]
+    for name, members in (("latin1", latin1), ("utf8", utf8)):
+        url = servers.http.add(f"/DavieGISweb/gisdata/{name}/address.zip",
+                               sd.zip_bytes(members))
+        source = with_data_url(real_source("us/nc/davie"), "addresses", "county", url)
+        state = run_in_process(request_for(source, "us/nc/davie", "addresses", "county",
+                                           tmp_path / name))
+        assert state.source_problem is None, state.error
+        assert [r["STREET"] for r in read_csv(tmp_path / name / "out")] == [
+            "CAÑON TRL", "MAIN ST"], name
+        sample = json.loads((tmp_path / name / "out" / "sample.json").read_text())
+        assert sample[1][sample[0].index("STREET")] == "CAÑON"
 
 
 # us/mo/dallas: skip: true and no conform: skipped, not failed, and nothing fetched.
