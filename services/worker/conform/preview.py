@@ -29,6 +29,7 @@ _HIGH_PERCENTILE: Final = 99.5
 _MAX_OUTLINE_VERTICES: Final = 256
 _DENSE_POINT_COUNT: Final = 100_000
 _DRAW_CHUNK: Final = 65_536
+_PNG_COMPRESS_LEVEL: Final = 3
 
 
 def _reservoir_moves(
@@ -224,4 +225,6 @@ def render_preview(sample: PreviewSample, path: Path, width: int = PREVIEW_WIDTH
         for line in outlines:
             draw.line([tuple(p) for p in frame.pixels(line).tolist()], fill=_OUTLINE_COLOUR)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    # Level 3 of zlib: a third of the time of the default 6 for a file ~20 % bigger; the
+    # pixels are the same.
+    image.save(path, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
