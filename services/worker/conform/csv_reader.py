@@ -219,7 +219,22 @@ class CsvReader:
             self._close_stream()
             if self._no_header:
                 return [f"COLUMN{n}" for n in range(1, len(names) + 1)]
+            return self._unique(names)
+
+    def _unique(self, names: list[str]) -> list[str]:
+        """The header with each name once: batches are looked up by column name.
+
+        The reference read rows as dicts, so of two columns named alike the last one answered
+        to the name; it still does, and an earlier one is kept as ``NAME (n)``, ``n`` its
+        1-based column number.
+        """
+        last = {name: index for index, name in enumerate(names)}
+        if len(last) == len(names):
             return names
+        unique = [n if last[n] == i else f"{n} ({i + 1})" for i, n in enumerate(names)]
+        log.warning("csv.duplicate_columns", file=self.path.name,
+                    renamed=[u for u, n in zip(unique, names, strict=True) if u != n])
+        return unique
 
     # -- reading ---------------------------------------------------------------------------
 
