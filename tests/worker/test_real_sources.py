@@ -14,9 +14,17 @@ start as known WGS84 lon/lat, are projected into the source's CRS by the generat
 come back to within 1e-6 degrees; two rows are checked against coordinates published with the
 projection's definition (EPSG:5179's natural origin, UTM 32N's central meridian).
 
+The made-up data carries the wrinkles real downloads have: a byte-order mark, a zip member in
+a top folder or in capitals, FileGDB doubles for house numbers, ESRI features without geometry,
+a server without pagination or spelling fields in capitals, a parcel with a hole, a two-part
+centerline, a redirect to a file store, a .gz the client already inflated, a dbf without code
+page.
+
 The second half holds the bad inputs from the product issue: 404, a 500 then success, an idle
 connection, a truncated zip, a zip bomb, a path-traversal member, an invalid source JSON, an
-unknown format, CSV rows of the wrong width, a 10 MB field and a catastrophic regular expression.
+unknown format, CSV rows of the wrong width, a 10 MB field and a catastrophic regular
+expression (``(a+)+$`` itself runs on RE2 in linear time; the same pattern behind a look-ahead
+goes to Python's ``re`` and is stopped by the run's time limit).
 """
 
 from __future__ import annotations
