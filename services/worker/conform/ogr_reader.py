@@ -96,7 +96,11 @@ class OgrReader:
     """One layer of an OGR data source, opened for streaming."""
 
     def __init__(self, path: Path, conform: Mapping[str, Any], *, batch_rows: int) -> None:
+        import pyogrio
         from pyogrio.raw import open_arrow
+
+        # Shapefiles published without their .shx index are common; GDAL can rebuild it.
+        pyogrio.set_gdal_config_options({"SHAPE_RESTORE_SHX": "YES"})
 
         self.path = path
         self._stack = contextlib.ExitStack()

@@ -90,6 +90,18 @@ def test_shapefile_points_with_prj(tmp_path: Path) -> None:
     assert -122.45 < lon[0] < -122.40 and 37.75 < lat[0] < 37.80
 
 
+def test_shapefile_without_its_shx_index_is_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "address.shp"
+    write_layer(path, typed_columns(), [shapely.Point(1, 2), shapely.Point(3, 4)], "Point",
+                "EPSG:4326")
+    (tmp_path / "address.shx").unlink()
+
+    _reader, table = read_all(path, {"format": "shapefile"})
+    points = shapely.from_wkb(table.column(GEOMETRY_COLUMN).to_pylist())
+    assert [(p.x, p.y) for p in points] == [(1, 2), (3, 4)]
+    assert table.column("STREET").to_pylist() == ["Main St", GERMAN]
+
+
 def test_shapefile_polygons(tmp_path: Path) -> None:
     path = tmp_path / "parcels.shp"
     squares = [shapely.box(0, 0, 1, 1), shapely.box(10, 10, 12, 12)]
