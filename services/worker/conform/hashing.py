@@ -33,6 +33,8 @@ _ESC = "\x1e"
 _US = "\x1f"
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _DIGEST_BYTES = 8  # 16 hex characters, as in the reference
+_DIGEST = methodcaller("digest")
+_HASH_SLICE = 2048
 
 
 def _has_framing_bytes(values: pa.Array) -> bool:
@@ -116,7 +118,12 @@ def hash_rows(
     if count == 0:
         return pa.array([], type=pa.string())
     # hashlib is C; the per-row cost is the call itself (~0.7 us), with no Python work inside.
-    digests = b"".join(map(methodcaller("digest"), map(hashlib.sha1, joined.to_pylist())))
+    # The loop holds the GIL without a break, so it goes in slices: between them the run's
+    # other threads (reader, writer) get the GIL back for their next kernel call.
+    digests = b"".join(
+        b"".join(map(_DIGEST, map(hashlib.sha1, joined.slice(start, _HASH_SLICE).to_pylist())))
+        for start in range(0, count, _HASH_SLICE)
+    )
     # Truncate all 20-byte SHA-1 digests at once rather than slicing each in Python.
     table = np.frombuffer(digests, dtype=np.uint8).reshape(count, hashlib.sha1().digest_size)
     return _hex(table[:, :_DIGEST_BYTES].tobytes(), count)

@@ -13,7 +13,9 @@ from typing import Final
 
 import numpy as np
 import shapely
-from PIL import Image, ImageDraw
+
+# Pillow is imported by render_preview, once the run's batches are written: its ~7 MiB are
+# then not on top of the batches in flight.
 
 PREVIEW_WIDTH_PX: Final = 1000
 _MIN_HEIGHT_PX: Final = 200
@@ -207,6 +209,8 @@ def _draw_points(canvas: np.ndarray, pixels: np.ndarray, *, dense: bool | None =
 
 def render_preview(sample: PreviewSample, path: Path, width: int = PREVIEW_WIDTH_PX) -> None:
     """Draw ``sample`` into a PNG at ``path``; raises ValueError when the sample is empty."""
+    from PIL import Image, ImageDraw
+
     outlines = sample.outlines
     coordinates = np.vstack([sample.points, *outlines]) if outlines else sample.points
     if not len(coordinates):
