@@ -15,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from services.demo.github import GitHubStandIn
+from shared.broker import Broker
 from shared.config import Settings
 from tests.e2e_support import REPO, new_sha, push_body, running_system, signed_headers, wait_for
 from tests.support.dataserver import DataServer
@@ -59,7 +60,8 @@ async def data() -> DataServer:
 
 
 @pytest.fixture
-def e2e_settings(settings: Settings, github: GitHubStandIn) -> Settings:
+def e2e_settings(settings: Settings, github: GitHubStandIn, broker: Broker) -> Settings:
+    # Depending on `broker` empties every queue first: no task of an earlier test is left.
     return settings.model_copy(update={
         "github_api_url": github.url, "webhook_secrets": [_secret(SECRET)],
         "public_base_url": "http://oa.example.org",

@@ -45,5 +45,6 @@ async def test_worker_once_processes_one_task_and_exits(
         messages.append(message)
     done = [m for m in messages if isinstance(m, Done)]
     assert [(d.run_id, d.status) for d in done] == [(1, "success")]
-    # The second task is still waiting for the next pod.
+    # The second task is still waiting for the next pod; drop it so no later test inherits it.
     assert (await broker.queue_depth("tasks"))[0] == 1
+    await broker.purge("tasks")
