@@ -186,13 +186,27 @@ def validate_source(source: Mapping[str, Any], *, path: str = "<source>") -> Non
     """
     error = best_match(_validator().iter_errors(source))
     if error is not None:
-        raise SourceError(f"{path}: {_describe(error)}", "invalid_source")
+        raise SourceError(f"{path}: {_describe(error)}", _problem_of(error))
     # The schema only says `schema` is a number; everything downstream assumes v2.
     if source.get("schema") != 2:
         raise SourceError(
             f"{path}: schema: {source.get('schema')!r} is not a supported schema version (2)",
             "invalid_source",
         )
+
+
+def _problem_of(error: ValidationError) -> SourceProblem:
+    """The source problem a schema error stands for, from where in the document it is.
+
+    A format or protocol outside the schema's list is the more specific problem the people
+    fixing the source need; anything else is an invalid source.
+    """
+    parts = list(error.absolute_path)
+    if error.validator == "enum" and parts[-2:] == ["conform", "format"]:
+        return "unknown_format"
+    if error.validator == "enum" and parts[-1:] == ["protocol"]:
+        return "unknown_protocol"
+    return "invalid_source"
 
 
 def _describe(error: ValidationError) -> str:

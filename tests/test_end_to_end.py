@@ -248,6 +248,8 @@ async def test_unchanged_entry_and_data_reuse_the_earlier_run(
         assert first["status"] == second["status"] == "success"
         assert second["state"]["reused from"] == first["id"]
         assert second["state"]["feature count"] == 2
+        assert second["state"]["version"] == first["state"]["version"]
+        assert len(first["state"]["version"]) == 8
         # The second run asked conditionally and kept the first run's outputs.
         conditional = [r for r in data.requests if r.path == "/lane.csv"][-1]
         assert conditional.headers.get("If-None-Match") == '"v1"'

@@ -37,7 +37,7 @@ from services.worker.sources.guard import UrlPolicy
 from services.worker.state import RunState
 from services.worker.version import CODE_VERSION
 from shared.errors import SourceError
-from shared.sources import attribution, get_entry, is_skipped
+from shared.sources import attribution, get_entry, is_skipped, validate_source
 
 log = logging.getLogger("oa.run")
 T = TypeVar("T")
@@ -62,6 +62,9 @@ def run_entry(request: RunRequest) -> RunState:
     outdir, workdir = Path(request.outdir), Path(request.workdir)
     state = _initial_state(request)
     try:
+        # The webhook validated the source already; a task from elsewhere (or an old one after a
+        # schema change) gets the same clear error with the JSON path here.
+        validate_source(request.source, path=request.source_path)
         entry = get_entry(request.source, request.layer, request.entry_name)
         _describe(state, request.source, entry)
         if is_skipped(entry):
@@ -152,6 +155,8 @@ def _download(
             conditional=conditional, out_fields=out_fields, progress=tick,
         )
     state.cache_time = round(time.monotonic() - started, 3)
+    # The data's version is the day it was downloaded, as in the reference's state.
+    state.version = datetime.now(UTC).strftime("%Y%m%d")
     state.fingerprint = download.fingerprint
     state.etag = download.etag
     state.last_modified = download.last_modified
@@ -179,7 +184,7 @@ def _reused(state: RunState, previous: Mapping[str, Any], download: Download) ->
     """Take the earlier run's results: same entry, same data (304 or same fingerprint)."""
     earlier = RunState.model_validate(previous["state"])
     for field in ("feature_count", "geometry_type", "bounds", "attribute_counts", "sample",
-                  "preview", "processed_zip", "cache", "tests_passed", "dropped_rows"):
+                  "preview", "processed_zip", "cache", "tests_passed", "dropped_rows", "version"):
         setattr(state, field, getattr(earlier, field))
     state.reused_from = int(previous["run_id"])
     state.fingerprint = download.fingerprint or earlier.fingerprint

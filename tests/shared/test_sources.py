@@ -272,7 +272,8 @@ def test_schema_error_names_the_json_path() -> None:
         "us/ks/lane.json: layers.addresses[0].conform.format: 'csvx' is not one of "
         "['csv', 'gdb', 'geojson', 'gpkg', 'shapefile', 'shapefile-polygon', 'xml']"
     )
-    assert info.value.problem == "invalid_source"
+    # A format outside the schema's list is the more specific problem.
+    assert info.value.problem == "unknown_format"
 
 
 def test_schema_errors_in_other_layers_and_at_the_top() -> None:
@@ -420,3 +421,25 @@ def test_schema_ships_inside_the_package() -> None:
     assert (schema_dir / "layers" / "address.json").is_file()
     assert (schema_dir / "util" / "functions" / "standard_functions.json").is_file()
     assert (schema_dir / "LICENSE").is_file()
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "problem"),
+    [
+        (("conform", "format"), "xlsx", "unknown_format"),
+        (("protocol",), "gopher", "unknown_protocol"),
+        (("conform", "number"), 12, "invalid_source"),
+    ],
+)
+def test_schema_errors_carry_the_specific_source_problem(
+    where: tuple[str, ...], value: object, problem: str
+) -> None:
+    source = real("us/ks/lane_county")
+    target = source["layers"]["addresses"][0]
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    with pytest.raises(SourceError) as info:
+        validate_source(source, path="us/ks/lane_county.json")
+    assert info.value.problem == problem
+    assert ".".join(where) in str(info.value)

@@ -21,7 +21,7 @@ async def test_worker_once_processes_one_task_and_exits(
 ) -> None:
     async with DataServer() as data:
         url = data.add("/a.csv", CSV)
-        source = {"schema": 2, "coverage": {}, "layers": {"addresses": [{
+        source = {"schema": 2, "coverage": {"country": "zz"}, "layers": {"addresses": [{
             "name": "city", "data": url, "protocol": "http",
             "conform": {"format": "csv", "lon": "lon", "lat": "lat", "number": "number",
                         "street": "street"}}]}}
