@@ -17,9 +17,13 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from services.worker.errors import RunError
-from services.worker.sources import esri, ftp, http
+from services.worker.sources import http
 from services.worker.sources.guard import UrlPolicy, check_url, is_local_path
 from services.worker.sources.http import DEFAULT_RETRY, DEFAULT_TIMEOUTS, Retry, Timeouts
+
+# esri and ftp are imported in their protocol branches: esri pulls in aiohttp (~0.12 s) and
+# ftp pulls in ftplib, which a run of a local file or an http URL does not need. http itself
+# imports aiohttp only when it downloads.
 
 __all__ = ["Conditional", "Download", "Retry", "Timeouts", "fetch"]
 
@@ -112,12 +116,16 @@ def fetch(
             retry=retry,
         )
     if protocol == "ftp":
+        from services.worker.sources import ftp  # deferred, see the imports
+
         dest = workdir / (DOWNLOAD_STEM + _suffix_from_url(url, ".bin"))
         got = ftp.download(
             url, dest, policy=policy, progress=progress, timeouts=timeouts, retry=retry
         )
         return Download(got.path, got.fingerprint, got.size_bytes, None, None, False, None)
     if protocol == "esri":
+        from services.worker.sources import esri  # deferred, see the imports
+
         dumped = esri.dump(
             url,
             workdir / ESRI_FILE,

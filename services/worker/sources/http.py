@@ -14,11 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import aiohttp
 import structlog
-from yarl import URL
 
 from services.worker.errors import RunError
 from services.worker.sources.guard import (
@@ -27,6 +25,13 @@ from services.worker.sources.guard import (
     connector_kwargs,
     redact,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
+
+# aiohttp (and yarl) are imported inside the functions that use them: importing aiohttp costs
+# ~0.12 s, and every run's child imports this module (through sources.fetch, for Timeouts and
+# Retry) even when its data is a local file or an FTP URL.
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -59,6 +64,8 @@ class Timeouts:
     total_s: float | None = None
 
     def client_timeout(self) -> aiohttp.ClientTimeout:
+        import aiohttp  # deferred, see the top of the module
+
         return aiohttp.ClientTimeout(
             total=self.total_s, sock_connect=self.connect_s, sock_read=self.sock_read_s
         )
@@ -100,6 +107,8 @@ class RetryableError(Exception):
 
 def make_session(policy: UrlPolicy, timeouts: Timeouts) -> aiohttp.ClientSession:
     """A client session whose connector refuses addresses the policy forbids."""
+    import aiohttp  # deferred, see the top of the module
+
     connector = aiohttp.TCPConnector(**connector_kwargs(policy))
     # trust_env stays off: a proxy from the environment would connect on our behalf and
     # bypass the address check.
@@ -112,6 +121,8 @@ def make_session(policy: UrlPolicy, timeouts: Timeouts) -> aiohttp.ClientSession
 
 
 def _next_hop(response: aiohttp.ClientResponse, url: str) -> str | None:
+    from yarl import URL  # deferred with aiohttp, see the top of the module
+
     location = response.headers.get("Location")
     if response.status not in REDIRECT_STATUSES or not location:
         return None
@@ -138,6 +149,8 @@ async def open_response(
 
     Network failures come out as ``RetryableError``; the caller decides about statuses.
     """
+    import aiohttp  # deferred, see the top of the module
+
     for _ in range(MAX_REDIRECTS + 1):
         check_url(url, policy)
         try:
@@ -163,6 +176,8 @@ async def open_response(
 
 
 def _describe(exc: BaseException) -> str:
+    import aiohttp  # deferred, see the top of the module
+
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
         return f"timed out ({exc or type(exc).__name__})"
     return f"{type(exc).__name__}: {exc}"
