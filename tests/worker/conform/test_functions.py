@@ -301,6 +301,52 @@ def test_prefixed_number_and_postfixed_street(
     assert out["street"].to_pylist() == [street]
 
 
+_NUMBER_EDGES: list[tuple[str, str | None, str | None]] = [
+    ("12\nMain St", "12", "Main St"),  # \s+ after the number takes the newline
+    ("12 Main\nSt", "12", "Main"),  # the street, like Python's '.', stops at a newline
+    ("Main\nSt", None, "Main"),
+    ("\n12 Main", "12", "Main"),
+    ("12\n", "12", None),
+    ("12 1/2\n3 Oak", "12 1/2", "3 Oak"),
+    (" \t12\x1cMain", "12", "Main"),  # \x1c is whitespace to Python
+    ("12\u2003\nMain", "12", "Main"),
+    ("12 34 Main", "12", "34 Main"),  # only the first number
+    ("12-34A Main", None, "12-34A Main"),  # no alternative is followed by a space
+    ("12-3/4 x", "12-3/4", "x"),
+    ("12\u017f Main", "12\u017f", "Main"),  # long s is an 's' to (?i)[A-Z]
+    ("१२ Main", "१२", "Main"),  # Devanagari digits
+    ("12\xa0Rue de l'Église", "12", "Rue de l'Église"),
+    ("大同路 12", None, "大同路 12"),
+]
+
+
+@pytest.mark.parametrize(("value", "number", "street"), _NUMBER_EDGES)
+def test_prefixed_number_and_postfixed_street_edges(
+    value: str, number: str | None, street: str | None
+) -> None:
+    specs = {
+        "number": {"function": "prefixed_number", "field": "a"},
+        "street": {"function": "postfixed_street", "field": "a"},
+    }
+    out = Evaluator(specs, ["a"]).evaluate(batch_of({"a": [value]}))
+    assert out["number"].to_pylist() == [number]
+    assert out["street"].to_pylist() == [street]
+
+
+def test_prefixed_number_and_postfixed_street_match_python_in_one_batch() -> None:
+    """ASCII, Unicode and newline rows together, sliced, and each function on its own."""
+    pattern = re.compile(r"(?i)^(?:\s*(\d+(?:[ -]\d/\d)?|\d+-\d+|\d+-?[A-Z])\s+)?(.*)")
+    values = [v for v, _, _ in _NUMBER_EDGES] + ["7 Oak", None, "", "  ", "１２ 東京", "9b Elm"]
+    table = pa.table({"a": pa.array(["x", *values], pa.string())}).slice(1)
+    batch = table.to_batches()[0]
+    expected = [m for m in (pattern.match(v or "") for v in values) if m is not None]
+    assert len(expected) == len(values)  # the number is optional: every value matches
+    for attribute, group in (("number", 1), ("street", 2)):
+        function = "prefixed_number" if group == 1 else "postfixed_street"
+        out = Evaluator({attribute: {"function": function, "field": "a"}}, ["a"]).evaluate(batch)
+        assert out[attribute].to_pylist() == [m.group(group) or None for m in expected]
+
+
 @pytest.mark.parametrize(
     ("value", "street", "unit"),
     [
