@@ -17,6 +17,7 @@ one value at a time. A catastrophic pattern there is stopped by the run's wall-c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -355,6 +356,8 @@ class _Regex:
     unicode: str | None  #: for the rows the gate picks; None: Python per value for those
     #: The shorthands whose Unicode meaning the gate must catch; None: no gate needed.
     gate_kinds: frozenset[str] | None
+    #: A narrower gate known for this pattern (built-in patterns), used instead of the kinds'.
+    narrow_gate: str | None = None
 
     @property
     def gate(self) -> str | None:
@@ -362,7 +365,9 @@ class _Regex:
 
         Built on first use (a tenth of a second per kind): all-ASCII data never needs it.
         """
-        return None if self.gate_kinds is None else _gate(self.gate_kinds)
+        if self.gate_kinds is None:
+            return None
+        return self.narrow_gate or _gate(self.gate_kinds)
 
     @classmethod
     def compile(cls, pattern: str, where: str) -> _Regex:
@@ -464,6 +469,14 @@ _UNIT_WORDS: Final = r"(?:UNIT|APARTMENT|APT\.?|SUITE|STE\.?|BUILDING|BLDG\.?|LO
 _NUMBER_AND_STREET: Final = rf"(?i)^(?:\s*({_HOUSE_NUMBER})\s+)?(.*)"
 #: The number with the whitespace around it: what _NUMBER_AND_STREET's optional group matches.
 _NUMBER_PREFIX: Final = rf"(?i)^\s*(?:{_HOUSE_NUMBER})\s+"
+#: Rows where _NUMBER_PREFIX read with Unicode \\d and \\s may differ from its ASCII reading:
+#: those whose first non-ASCII character comes after nothing but characters the prefix can
+#: consume (spaces, digits, '-', '/', one letter), so a match attempt may reach it. Other
+#: rows stop both readings on an ASCII character. Cheaper than the generic \\d/\\s gate,
+#: which tests every character of every row against 1,000-odd code point ranges.
+_NUMBER_PREFIX_GATE: Final = (
+    r"^[\x09-\x0d\x1c-\x20/0-9-]*(?:[A-Za-z][\x09-\x0d\x1c-\x20/0-9-]*)?[^\x00-\x7f]"
+)
 #: Every character for which ``str.isspace()`` holds, i.e. what Python's ``\s`` matches.
 _PYTHON_SPACES: Final = (
     "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
@@ -624,6 +637,11 @@ def _compile_builtin(pattern: str, group: int) -> _Compiler:
     return compile_
 
 
+@functools.cache
+def _number_prefix() -> _Regex:
+    return dataclasses.replace(_builtin(_NUMBER_PREFIX), narrow_gate=_NUMBER_PREFIX_GATE)
+
+
 def _number_and_street(values: pa.Array) -> list[pa.Array]:
     """[prefixed_number, postfixed_street] of each value, as _NUMBER_AND_STREET's groups.
 
@@ -634,7 +652,7 @@ def _number_and_street(values: pa.Array) -> list[pa.Array]:
     row start / street start make a 2n-row array whose even rows are the prefixes.
     """
     values = _text(values)
-    rest = _builtin(_NUMBER_PREFIX).substitute(values, _Template(()))
+    rest = _number_prefix().substitute(values, _Template(()))
     offsets, data = _utf8_bytes(values)
     rows = len(values)
     bounds = np.empty(2 * rows + 1, dtype=np.int64)

@@ -317,6 +317,13 @@ _NUMBER_EDGES: list[tuple[str, str | None, str | None]] = [
     ("१२ Main", "१२", "Main"),  # Devanagari digits
     ("12\xa0Rue de l'Église", "12", "Rue de l'Église"),
     ("大同路 12", None, "大同路 12"),
+    # A Unicode digit or space reached after ASCII digits, spaces, '-', '/' or a letter:
+    ("12 \u3000Main", "12", "Main"),
+    ("12a\u3000Main", "12a", "Main"),
+    ("12-१२ x", "12-१२", "x"),
+    ("12 1/२ x", "12 1/२", "x"),
+    ("\u300012 Main", "12", "Main"),
+    ("Main \u3000St", None, "Main \u3000St"),
 ]
 
 
