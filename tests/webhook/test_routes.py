@@ -225,18 +225,22 @@ async def test_good_push_creates_a_job_queues_tasks_and_posts_pending(
 
 
 @pytest.mark.parametrize(
-    ("content", "expected_error"),
+    ("content", "expected_error", "expected_problem"),
     [
-        (b'{"schema": 2, "layers": {', "sources/us/ks/bad.json"),
+        (b'{"schema": 2, "layers": {', "sources/us/ks/bad.json", "invalid_source"),
         (json.dumps({"schema": 2, "coverage": {"country": "us"}, "layers": {"addresses": [
             {"name": "x", "data": "http://example.org/a.csv", "protocol": "carrier-pigeon",
-             "conform": {"format": "csv"}}]}}).encode(), "protocol"),
+             "conform": {"format": "csv"}}]}}).encode(), "protocol", "unknown_protocol"),
+        (json.dumps({"schema": 2, "coverage": {"country": "us"}, "layers": {"addresses": [
+            {"name": "x", "data": "http://example.org/a.csv", "protocol": "http",
+             "conform": {"format": "csv", "number": 12}}]}}).encode(),
+         "layers.addresses[0].conform.number", "invalid_source"),
     ],
-    ids=["bad-json", "schema-failure"],
+    ids=["bad-json", "unknown-protocol", "schema-failure"],
 )
 async def test_invalid_only_source_fails_its_run_and_the_job_at_once(
     client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker,
-    github: GitHubStandIn, content: bytes, expected_error: str,
+    github: GitHubStandIn, content: bytes, expected_error: str, expected_problem: str,
 ) -> None:
     sha = new_sha()
     path = "sources/us/ks/bad.json"
@@ -246,7 +250,7 @@ async def test_invalid_only_source_fails_its_run_and_the_job_at_once(
     assert answer["runs"] == 1
     run = await db_pool.fetchrow("SELECT * FROM runs WHERE job_id = $1", answer["job"])
     assert run["status"] == "failure"
-    assert run["source_problem"] == "invalid_source"
+    assert run["source_problem"] == expected_problem
     assert expected_error in run["error"]
     assert run["finished_at"] is not None
     job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", answer["job"])
