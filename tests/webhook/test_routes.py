@@ -233,7 +233,8 @@ async def test_good_push_creates_a_job_queues_tasks_and_posts_pending(
              "conform": {"format": "csv"}}]}}).encode(), "protocol", "unknown_protocol"),
         (json.dumps({"schema": 2, "coverage": {"country": "us"}, "layers": {"addresses": [
             {"name": "x", "data": "http://example.org/a.csv", "protocol": "http",
-             "conform": {"format": "csv", "number": 12}}]}}).encode(),
+             "conform": {"format": "csv", "number": 12, "street": "s", "lon": "x",
+                         "lat": "y"}}]}}).encode(),
          "layers.addresses[0].conform.number", "invalid_source"),
     ],
     ids=["bad-json", "unknown-protocol", "schema-failure"],
