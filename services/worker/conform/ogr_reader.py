@@ -82,6 +82,19 @@ def _layer_names(path: Path) -> list[str]:
         return []
 
 
+def _declared_count(path: Path, layer: int | str | None) -> int:
+    import pyogrio
+
+    try:
+        with warnings.catch_warnings():
+            # The same multi-layer warning as when opening: layer 0 is the documented default.
+            warnings.simplefilter("ignore", UserWarning)
+            info = pyogrio.read_info(str(path), layer=layer, force_feature_count=False)
+    except _ogr_errors():
+        return -1
+    return int(info.get("features", -1))
+
+
 def _parse_crs(text: str | None, path: Path) -> pyproj.CRS | None:
     if not text:
         return None
@@ -132,6 +145,8 @@ class OgrReader:
             [pa.field(name, pa.string()) for name in self.fields]
             + [pa.field(GEOMETRY_COLUMN, pa.binary())]
         )
+        #: What the layer says it holds (-1 when the driver can't tell without a full scan).
+        self.declared_count = _declared_count(path, layer)
 
     def _open_error(self, layer: int | str | None, exc: Exception) -> RunError:
         message = f"cannot open {self.path.name}"
@@ -146,6 +161,7 @@ class OgrReader:
             try:
                 batch = self._stream.read_next_batch()
             except StopIteration:
+                self._check_complete(features_read)
                 return
             except _ogr_errors() as exc:
                 raise RunError(
@@ -154,6 +170,16 @@ class OgrReader:
                 ) from exc
             features_read += batch.num_rows
             yield self._raw_batch(batch)
+
+    def _check_complete(self, features_read: int) -> None:
+        # GDAL stops quietly at the end of a truncated .dbf; losing rows without a word is
+        # worse than failing the run.
+        if 0 <= features_read < self.declared_count:
+            raise RunError(
+                f"{self.path.name} declares {self.declared_count} features but only "
+                f"{features_read} could be read: the file looks truncated",
+                "conform_failed",
+            )
 
     def _raw_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         # Fields come first and in layer order; whatever column is left is the geometry

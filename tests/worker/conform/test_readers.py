@@ -102,6 +102,22 @@ def test_shapefile_without_its_shx_index_is_still_read(tmp_path: Path) -> None:
     assert table.column("STREET").to_pylist() == ["Main St", GERMAN]
 
 
+def test_shapefile_with_a_truncated_dbf_fails_instead_of_losing_rows(tmp_path: Path) -> None:
+    path = tmp_path / "address.shp"
+    count = 1000
+    columns = {"STREET": pa.array([f"street {i}" for i in range(count)], pa.string())}
+    write_layer(path, columns, [shapely.Point(i, i) for i in range(count)], "Point",
+                "EPSG:4326")
+    dbf = tmp_path / "address.dbf"
+    with dbf.open("r+b") as handle:
+        handle.truncate(dbf.stat().st_size // 2)
+
+    with pytest.raises(RunError) as info:
+        read_all(path, {"format": "shapefile"})
+    assert info.value.problem == "conform_failed"
+    assert "declares 1000 features" in str(info.value) and "truncated" in str(info.value)
+
+
 def test_shapefile_polygons(tmp_path: Path) -> None:
     path = tmp_path / "parcels.shp"
     squares = [shapely.box(0, 0, 1, 1), shapely.box(10, 10, 12, 12)]
