@@ -19,6 +19,7 @@ from services.webhook.intake import take_push
 from services.webhook.keys import BROKER, GITHUB, POOL, SETTINGS, STORAGE, TEMPLATES
 from services.webhook.signature import verify_signature
 from shared.errors import GitHubError, NotFound
+from shared.jobs import job_url
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -84,7 +85,7 @@ async def hook(request: web.Request) -> web.Response:
         return web.json_response({"error": f"could not read sources: {exc}"}, status=502)
     answer: dict[str, Any] = {"job": result.job_id, "runs": result.runs}
     if result.job_id is not None:
-        answer["url"] = f"{settings.public_base_url.rstrip('/')}/jobs/{result.job_id}"
+        answer["url"] = job_url(settings.public_base_url, result.job_id)
     if result.reason:
         answer["reason"] = result.reason
     if result.duplicate:

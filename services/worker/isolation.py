@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -58,7 +59,7 @@ async def run_isolated(request: RunRequest, limits: Limits) -> RunState:
     outdir.mkdir(parents=True, exist_ok=True)
     Path(request.workdir).mkdir(parents=True, exist_ok=True)
     request_path = Path(request.workdir) / "request.json"
-    request_path.write_text(_dumps(asdict(request)))
+    request_path.write_text(json.dumps(asdict(request), default=str))
     started = time.monotonic()
     stderr_path = outdir / "child-stderr.txt"
     with stderr_path.open("wb") as stderr:
@@ -160,9 +161,3 @@ def _append_child_output(log_path: Path, stderr_path: Path) -> None:
         with log_path.open("ab") as log:
             log.write(b"\n--- process output ---\n" + data)
     stderr_path.unlink(missing_ok=True)
-
-
-def _dumps(value: Any) -> str:
-    import json
-
-    return json.dumps(value, default=str)
