@@ -294,13 +294,16 @@ cmd = sys.argv[1:]
 start = time.perf_counter()
 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 hwm = 0
-def poll():
-    global hwm
+def descendants(pid):
     try:
-        kids = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
     except OSError:
-        return
-    for kid in kids:
+        return []
+    return [k for kid in kids for k in [kid, *descendants(kid)]]
+def poll():
+    # The CLI, its zygote and the run's child (a grandchild): the largest is the run.
+    global hwm
+    for kid in descendants(proc.pid):
         try:
             for line in open(f"/proc/{kid}/status"):
                 if line.startswith("VmHWM:"):

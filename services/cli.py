@@ -9,9 +9,10 @@ import argparse
 import asyncio
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
-from shared.config import Settings
-from shared.runner import run_service, start
+if TYPE_CHECKING:
+    from shared.config import Settings
 
 SERVICES = ("webhook", "worker", "dequeuer", "scheduler")
 
@@ -31,6 +32,22 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--layer", default="addresses")
     one.add_argument("--name", default=None, help="entry name (default: the layer's first)")
     args = parser.parse_args(argv)
+    if args.command == "process-one":
+        # The run's process imports pyarrow and the rest while this one imports pydantic
+        # and validates the source: two cores, half the waiting.
+        from services.worker.zygote import ZYGOTE
+
+        ZYGOTE.start()
+        try:
+            _dispatch(args)
+        finally:
+            ZYGOTE.close()
+    else:
+        _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from shared.runner import run_service, start
 
     if args.command == "worker" and args.once:
         from services.worker.main import run as run_worker

@@ -1,4 +1,4 @@
-"""The child process of one run: ``python -m services.worker.child REQUEST.json``.
+"""The child process of one run, forked by :mod:`services.worker.zygote`.
 
 It logs to the run's ``output.txt`` (with a resource-usage line every 30 s), runs the entry, and
 always leaves an ``index.json`` unless the process itself is killed; the parent covers that.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import threading
@@ -29,6 +30,8 @@ def main(argv: list[str]) -> int:
     request = RunRequest(**json.loads(Path(argv[1]).read_text()))
     outdir = Path(request.outdir)
     _log_to(outdir / LOG)
+    log.info("run of %s %s %r in process %d", request.source_path, request.layer,
+             request.entry_name, os.getpid())
     stop = threading.Event()
     threading.Thread(target=_report_usage, args=(stop,), daemon=True).start()
     try:

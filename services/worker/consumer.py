@@ -19,6 +19,7 @@ from typing import Any
 
 from services.worker.isolation import Limits, RunRequest, run_isolated
 from services.worker.state import RunState
+from services.worker.zygote import ZYGOTE
 from shared.broker import Broker
 from shared.config import Settings
 from shared.logging import get_logger
@@ -164,10 +165,15 @@ def _done_message(
 async def serve(settings: Settings, *, once: bool = False) -> None:
     """Open connections and work until cancelled (or, with ``once``, until one run is done)."""
     settings.work_dir.mkdir(parents=True, exist_ok=True)
-    broker = await Broker.connect(settings.amqp_url, prefetch=settings.worker_concurrency)
+    # Runs fork from the zygote; it imports while we connect, so the first run waits less.
+    ZYGOTE.start()
     try:
-        async with open_storage(settings) as storage:
-            with contextlib.suppress(asyncio.CancelledError):
-                await Worker(settings, broker, storage).run(once=once)
+        broker = await Broker.connect(settings.amqp_url, prefetch=settings.worker_concurrency)
+        try:
+            async with open_storage(settings) as storage:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await Worker(settings, broker, storage).run(once=once)
+        finally:
+            await broker.close()
     finally:
-        await broker.close()
+        await asyncio.to_thread(ZYGOTE.close)

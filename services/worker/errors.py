@@ -18,3 +18,4 @@ class RunError(Exception):
 
     def __str__(self) -> str:
         return str(self.args[0])
+

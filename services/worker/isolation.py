@@ -1,7 +1,8 @@
 """Running one layer entry in a child process with a wall-clock and a memory limit.
 
-The child (``python -m services.worker.child``) does all the work and writes ``index.json``
-into the output folder. Whatever happens to it — a time limit, an address-space limit, a
+The child (:func:`services.worker.child.main`, forked from the pre-imported
+:mod:`services.worker.zygote`) does all the work and writes ``index.json`` into the output
+folder. Whatever happens to it — a time limit, an address-space limit, a
 segfault in a C library, a catastrophic regular expression — the parent survives and turns it
 into a failed :class:`~services.worker.state.RunState` with the reason, keeping the log.
 """
@@ -11,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import resource
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 from services.worker.state import RunState
 from services.worker.version import CODE_VERSION
+from services.worker.zygote import ZYGOTE, RunProcess, ZygoteLost
 from shared.messages import SourceProblem
 
 INDEX = "index.json"
@@ -62,37 +61,40 @@ async def run_isolated(request: RunRequest, limits: Limits) -> RunState:
     request_path.write_text(json.dumps(asdict(request), default=str))
     started = time.monotonic()
     stderr_path = outdir / "child-stderr.txt"
-    with stderr_path.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.worker.child", str(request_path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=stderr,
+    problem: SourceProblem | None = None
+    error: str | None = None
+    returncode: int | None = None
+    try:
+        process = await ZYGOTE.fork(
+            str(request_path), str(stderr_path), memory_bytes=limits.memory_bytes,
             # Progress bars go to the terminal of `process-one`; logs go to output.txt.
-            stderr=None if request.progress else stderr,
-            start_new_session=True,
-            preexec_fn=_limit_memory(limits.memory_bytes),
+            terminal=request.progress,
         )
-        problem: SourceProblem | None = None
-        error: str | None = None
+    except ZygoteLost as exc:
+        problem, error = "conform_failed", str(exc)
+    else:
         try:
-            await asyncio.wait_for(process.wait(), limits.timeout_s)
+            returncode = await asyncio.wait_for(process.wait(), limits.timeout_s)
         except TimeoutError:
-            _kill_group(process.pid)
-            await process.wait()
+            process.kill()
+            returncode = await _reaped(process)
             problem = "timeout"
             error = f"the run passed its time limit of {limits.timeout_s:g} s and was stopped"
+        except ZygoteLost as exc:
+            process.kill()
+            problem, error = "conform_failed", f"{exc}; the run was stopped"
         except asyncio.CancelledError:
-            _kill_group(process.pid)
+            process.kill()
             with contextlib.suppress(Exception):
-                await asyncio.shield(process.wait())
+                await asyncio.shield(_reaped(process))
             raise
     _append_child_output(outdir / LOG, stderr_path)
     elapsed = time.monotonic() - started
     index = outdir / INDEX
-    if problem is None and process.returncode == 0 and index.exists():
+    if problem is None and returncode == 0 and index.exists():
         return RunState.read(index)
     if problem is None:
-        problem, error = _explain_exit(process.returncode, outdir / LOG, limits)
+        problem, error = _explain_exit(returncode, outdir / LOG, limits)
     state = RunState.model_validate({
         "source": request.source_path, "layer": request.layer, "name": request.entry_name,
         "source problem": problem, "error": error, "code version": CODE_VERSION,
@@ -102,17 +104,12 @@ async def run_isolated(request: RunRequest, limits: Limits) -> RunState:
     return state
 
 
-def _limit_memory(memory_bytes: int) -> Any:
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-
-    return apply
-
-
-def _kill_group(pid: int) -> None:
-    # The child may have started its own children (none today, but GDAL drivers could).
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+async def _reaped(process: RunProcess) -> int | None:
+    """The return code of a killed child, once the zygote has reaped it."""
+    try:
+        return await asyncio.wait_for(process.wait(), 30)
+    except (TimeoutError, ZygoteLost):
+        return None
 
 
 def _explain_exit(

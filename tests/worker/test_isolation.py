@@ -9,9 +9,9 @@ production code has no test hooks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -50,23 +50,22 @@ def request(tmp_path: Path, csv_text: str, street: Any = "STREET") -> RunRequest
     )
 
 
-def child_pids(req: RunRequest) -> list[int]:
-    """Processes whose command line names this request's file."""
-    marker = str(Path(req.workdir) / "request.json").encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if marker in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-    return pids
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie counts as gone: it runs nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def wait_for_child(req: RunRequest, timeout_s: float = 20.0) -> int:
+    """The run's process id, from the first line its child writes to output.txt."""
+    log = Path(req.outdir) / LOG
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if pids := child_pids(req):
-            return pids[0]
+        if log.exists() and (found := re.search(r" in process (\d+)\n", log.read_text())):
+            return int(found.group(1))
         await asyncio.sleep(0.02)
     raise AssertionError("the child process never started")
 
@@ -99,7 +98,8 @@ async def test_a_good_run_returns_the_childs_state(tmp_path: Path) -> None:
     assert (out / "out.csv").read_text().splitlines()[1].startswith("-100.1,38.1,12,Main St")
     assert "conformed 2 features" in (out / LOG).read_text()
     assert not (out / "child-stderr.txt").exists()
-    assert child_pids(req) == []
+    pid = await wait_for_child(req)
+    assert pid != os.getpid() and not alive(pid)
 
 
 async def test_a_run_past_its_time_limit_is_stopped_with_its_process_group(
@@ -116,7 +116,7 @@ async def test_a_run_past_its_time_limit_is_stopped_with_its_process_group(
     assert 2 <= elapsed < 15
     # start_new_session: the child led its own group, and the whole group was killed.
     assert group_gone(pid)
-    assert child_pids(req) == []
+    assert not alive(pid)
     index = json.loads((Path(req.outdir) / INDEX).read_text())
     assert index["source problem"] == "timeout"
     assert index["output"] == LOG
@@ -158,7 +158,7 @@ async def test_cancelling_the_run_kills_the_child(tmp_path: Path) -> None:
     with pytest.raises(asyncio.CancelledError):
         await run
     assert group_gone(pid)
-    assert child_pids(req) == []
+    assert not alive(pid)
 
 
 async def test_a_failing_source_gives_the_childs_own_reason(tmp_path: Path) -> None:

@@ -165,6 +165,35 @@ def test_text_parsing_decimal_comma_blanks_and_junk() -> None:
     np.testing.assert_array_equal(lat[:5], [37.25, 4.0, 5.0, 6.0, 7.0])
 
 
+NUMBER_TABLE = [
+    ("1.5", 1.5), ("+1.5", 1.5), (".5", 0.5), ("5.", 5.0), ("-0", -0.0), ("1e1", 10.0),
+    ("-122.4194155", -122.4194155), ("inf", math.nan), ("nan", math.nan),
+    ("-Infinity", math.nan),
+]
+JUNK_TABLE = [(" 2.5 ", 2.5), ("2,5", 2.5), ("", math.nan), ("0x10", math.nan),
+              ("1_000", math.nan), ("١٢", math.nan)]
+
+
+@pytest.mark.parametrize(("text", "expected"), NUMBER_TABLE + JUNK_TABLE)
+def test_parse_floats_the_same_alone_and_beside_junk(text: str, expected: float) -> None:
+    # Alone, a plain number takes Arrow's direct cast; beside junk the batch takes the
+    # trimming, comma-replacing way. Both must give the same value.
+    alone = geometry.parse_floats(pa.array([text]))
+    mixed = geometry.parse_floats(pa.array([text, "n/a", None]))
+    for got in (alone[0], mixed[0]):
+        if math.isnan(expected):
+            assert math.isnan(got)
+        else:
+            assert got == expected and math.copysign(1, got) == math.copysign(1, expected)
+    assert math.isnan(mixed[1]) and math.isnan(mixed[2])
+
+
+def test_parse_floats_of_numeric_columns() -> None:
+    values = geometry.parse_floats(pa.array([1.5, None, math.inf]))
+    assert values[0] == 1.5 and math.isnan(values[1]) and math.isnan(values[2])
+    assert geometry.parse_floats(pa.array([3, None], pa.int64()))[0] == 3.0
+
+
 def test_transformers_are_cached_per_crs() -> None:
     crs = pyproj.CRS.from_epsg(2227)
     first = geometry._transformer(crs)

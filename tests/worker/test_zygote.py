@@ -1,0 +1,102 @@
+"""The zygote: runs are forked from one pre-imported process, and losing it loses no run.
+
+Real processes throughout: the zygote is killed with SIGKILL from outside, and a run's child
+is a real process found through the pid it logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+from services.worker.isolation import Limits, run_isolated
+from services.worker.zygote import ZYGOTE, Zygote
+from tests.worker.test_isolation import (
+    GOOD_CSV,
+    MEMORY,
+    SLOW_CSV,
+    SLOW_STREET,
+    alive,
+    request,
+    wait_for_child,
+    wait_until_logged,
+)
+
+
+def folder(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+async def test_runs_are_forked_from_the_zygote_not_started_by_the_caller(
+    tmp_path: Path,
+) -> None:
+    first = request(folder(tmp_path, "a"), SLOW_CSV, SLOW_STREET)
+    run = asyncio.create_task(run_isolated(first, Limits(60, MEMORY)))
+    pid = await wait_for_child(first)
+    zygote = ZYGOTE._process
+    assert zygote is not None
+    assert parent_of(pid) == zygote.pid != os.getpid()
+    # Its own session and process group, so a time limit kills everything it started.
+    assert os.getpgid(pid) == pid and os.getsid(pid) == pid
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+    assert not alive(pid)
+
+
+async def test_a_zygote_killed_mid_run_fails_that_run_and_the_next_run_works(
+    tmp_path: Path,
+) -> None:
+    slow = request(folder(tmp_path, "slow"), SLOW_CSV, SLOW_STREET)
+    run = asyncio.create_task(run_isolated(slow, Limits(60, MEMORY)))
+    pid = await wait_for_child(slow)
+    await wait_until_logged(slow, "downloaded")
+    zygote = ZYGOTE._process
+    assert zygote is not None
+    os.kill(zygote.pid, signal.SIGKILL)
+    state = await asyncio.wait_for(run, 30)
+    assert state.source_problem == "conform_failed"
+    assert "zygote" in (state.error or "") and "stopped" in (state.error or "")
+    await asyncio.sleep(0.2)
+    assert not alive(pid)  # the orphaned child was killed, not left spinning
+    index = json.loads((Path(slow.outdir) / "index.json").read_text())
+    assert index["source problem"] == "conform_failed"
+
+    good = request(folder(tmp_path, "good"), GOOD_CSV)
+    again = await asyncio.wait_for(run_isolated(good, Limits(60, MEMORY)), 60)
+    assert again.source_problem is None and again.feature_count == 2
+    assert ZYGOTE._process is not None and ZYGOTE._process.pid != zygote.pid
+
+
+async def test_closing_the_zygote_ends_the_runs_it_forked(tmp_path: Path) -> None:
+    zygote = Zygote()
+    slow = request(tmp_path, SLOW_CSV, SLOW_STREET)
+    Path(slow.workdir).mkdir(parents=True)
+    Path(slow.outdir).mkdir(parents=True)
+    request_path = Path(slow.workdir) / "request.json"
+    request_path.write_text(json.dumps({
+        "source": slow.source, "source_path": slow.source_path, "layer": slow.layer,
+        "entry_name": slow.entry_name, "outdir": slow.outdir, "workdir": slow.workdir,
+        "allow_files": True,
+    }))
+    process = await zygote.fork(
+        str(request_path), str(Path(slow.outdir) / "stderr.txt"), memory_bytes=MEMORY,
+        terminal=False,
+    )
+    await wait_until_logged(slow, "downloaded")
+    assert alive(process.pid)
+    await asyncio.to_thread(zygote.close)
+    for _ in range(50):
+        if not alive(process.pid):
+            break
+        await asyncio.sleep(0.1)
+    assert not alive(process.pid)
