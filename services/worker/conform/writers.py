@@ -51,6 +51,7 @@ _COORDINATE_DECIMALS: Final = 7
 _COORDINATE_GRID: Final = 10**_COORDINATE_DECIMALS
 # %.12g switches to exponent notation below 1e-4: such values are formatted by Python.
 _PLAIN_NOTATION_MIN: Final = 1e-4
+_PLAIN_NOTATION_MAX: Final = 1000.0
 _GEOMETRY_TYPE_NAMES: Final = {
     0: "Point",
     1: "LineString",
@@ -145,19 +146,15 @@ def json_string(values: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise('"', json_string_body(values), '"', "")
 
 
-_SLOT_COUNT: Final = 12  # "-", three integer digits, ".", seven fraction digits
-_MAX_PLAIN_WHOLE: Final = 999
-
-
 def format_coordinates(values: np.ndarray) -> pa.Array:
-    """``'%.12g' % v`` for every value, built with numpy (no per-row formatting).
+    """``'%.12g' % v`` for every value, without a per-row Python call.
 
     On the 7-decimal grid (which the engine guarantees) and for 1e-4 <= |v| < 1000, %.12g
-    prints the integer digits, then a point and the fraction digits without trailing zeros
-    (no point when the fraction is zero). Each row is laid out in 12 fixed character slots,
-    a mask keeps the characters that belong, and boolean indexing packs them into the Arrow
-    string buffer. Values off the grid or outside that band (only tiny non-zero values are
-    valid coordinates there), negative zero and non-finite values are formatted by Python.
+    prints at most 10 significant digits, and then it is exactly the shortest text that reads
+    back as the same double: what Arrow's float-to-string cast writes (``5.0`` → ``5``,
+    ``-122.4194155`` → ``-122.4194155``). Values off the grid or outside that band (Arrow
+    switches to exponents differently below 1e-4), negative zero and non-finite values are
+    formatted by Python; a test checks the whole band against ``format(v, ".12g")``.
     """
     values = np.asarray(values, dtype=np.float64)
     magnitude = np.abs(values)
@@ -166,40 +163,29 @@ def format_coordinates(values: np.ndarray) -> pa.Array:
         plain = (
             np.isfinite(values)
             & (units / _COORDINATE_GRID == magnitude)
-            & (magnitude <= _MAX_PLAIN_WHOLE + 0.9999999)
+            & (magnitude < _PLAIN_NOTATION_MAX)
             & ((magnitude >= _PLAIN_NOTATION_MIN) | (values == 0))
             & ~((values == 0) & np.signbit(values))
         )
-    units = np.where(plain, units, 0).astype(np.int64)
-    # int32 halves the memory traffic of the digit loops; both parts fit easily.
-    whole, fraction = (part.astype(np.int32) for part in np.divmod(units, _COORDINATE_GRID))
-    slots = np.empty((len(values), _SLOT_COUNT), dtype=np.uint8)
-    keep = np.zeros((len(values), _SLOT_COUNT), dtype=bool)
-    slots[:, 0], keep[:, 0] = ord("-"), values < 0
-    for slot, power in ((1, 100), (2, 10), (3, 1)):
-        slots[:, slot] = ord("0") + (whole // power) % 10
-        keep[:, slot] = whole >= power if power > 1 else True
-    slots[:, 4], keep[:, 4] = ord("."), fraction > 0
-    # Fraction digits, most significant first; keep them up to the last non-zero one.
-    remaining = fraction.copy()
-    for slot in range(_SLOT_COUNT - 1, 4, -1):
-        remaining, digit = np.divmod(remaining, 10)
-        slots[:, slot] = ord("0") + digit
-    significant = np.zeros(len(values), dtype=bool)
-    for slot in range(_SLOT_COUNT - 1, 4, -1):
-        significant |= slots[:, slot] != ord("0")
-        keep[:, slot] = significant
-    lengths = keep.sum(axis=1, dtype=np.int32)
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    text = pa.Array.from_buffers(
-        pa.string(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(slots[keep])]
-    )
+    text = pa.array(values).cast(pa.string())
     if not plain.all():
         odd = ~plain
         fallback = [format(v, ".12g") if np.isfinite(v) else "" for v in values[odd].tolist()]
         text = pc.replace_with_mask(text, pa.array(odd), pa.array(fallback, type=pa.string()))
     return text
+
+
+def _count_filled(values: pa.Array) -> int:
+    """How many values are neither null nor empty, from the offsets (no kernel per column)."""
+    if values.null_count == len(values):
+        return 0
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
+    nonempty = np.diff(offsets[values.offset:values.offset + len(values) + 1]) > 0
+    if values.null_count:
+        # A null slot's length is usually 0 but the format allows any: mask it.
+        valid = values.is_valid().to_numpy(zero_copy_only=False)
+        nonempty &= valid
+    return int(np.count_nonzero(nonempty))
 
 
 def _merge_constants(pieces: list[pa.Array | str]) -> list[pa.Array | str]:
@@ -513,9 +499,9 @@ class OutputWriter:
         """Add this batch's filled counts to the totals and return them."""
         filled: dict[str, int] = {}
         for name in self._attributes:
-            count = pc.sum(pc.greater(pc.binary_length(columns[name]), 0)).as_py() or 0
-            filled[name] = int(count)
-            self._stats.attribute_counts[name] += int(count)
+            count = _count_filled(columns[name])
+            filled[name] = count
+            self._stats.attribute_counts[name] += count
         return filled
 
     def _track_points(self, lon: np.ndarray, lat: np.ndarray) -> None:

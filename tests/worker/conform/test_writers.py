@@ -18,6 +18,7 @@ from services.worker.conform.hashing import hash_rows
 from services.worker.conform.layers import CSV_HEADER, LAYER_ATTRIBUTES
 from services.worker.conform.writers import (
     OutputWriter,
+    _count_filled,
     _use_isal,
     archive_base,
     csv_field,
@@ -180,6 +181,13 @@ def test_csv_field_quotes_only_what_needs_it() -> None:
         (0.00005, "5e-05"),
         (180.0, "180"),
         (1.23456789012345, "1.23456789012"),
+        (0.0001, "0.0001"),
+        (-0.0000999, "-9.99e-05"),
+        (0.0000001, "1e-07"),
+        (999.9999999, "999.9999999"),
+        (1000.0, "1000"),
+        (-1234.5678901, "-1234.5678901"),
+        (-0.0, "-0"),
     ],
 )
 def test_coordinates_print_as_percent_12g(value: float, text: str) -> None:
@@ -188,8 +196,20 @@ def test_coordinates_print_as_percent_12g(value: float, text: str) -> None:
 
 
 def test_coordinates_match_percent_12g_over_a_random_grid() -> None:
-    values = np.round(np.random.default_rng(3).uniform(-180, 180, 20_000), 7)
+    rng = np.random.default_rng(3)
+    values = np.concatenate([
+        np.round(rng.uniform(-180, 180, 20_000), 7),
+        # every magnitude from 1e-8 to 1e4, on and off the 7-decimal grid
+        np.round(10 ** rng.uniform(-8, 4, 20_000) * rng.choice([-1, 1], 20_000), 7),
+        10 ** rng.uniform(-8, 4, 5_000),
+        rng.integers(-1000, 1000, 2_000).astype(np.float64),
+    ])
     assert format_coordinates(values).to_pylist() == [format(v, ".12g") for v in values]
+
+
+def test_coordinates_that_are_no_number_are_empty() -> None:
+    assert format_coordinates(np.array([np.nan, np.inf, -np.inf, 1.5])).to_pylist() == [
+        "", "", "", "1.5"]
 
 
 # --- processed.zip -------------------------------------------------------------------------------
@@ -351,3 +371,25 @@ def test_a_failing_disk_write_surfaces_in_the_caller(
     writer.write(batch)
     with pytest.raises(OSError, match="disk full"):
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pa.array(["a", "", None, "bc", None, "", "d"]),
+        pa.array(["a", "", None, "bc", None, "", "d"])[2:6],
+        pa.array([None, None], pa.string()),
+        pa.array([], pa.string()),
+        pa.array(["", ""]),
+        pa.array(["Élysée", "x"]),
+        # a null slot that still spans bytes (legal in Arrow): it must not count
+        pa.Array.from_buffers(
+            pa.string(), 3,
+            [pa.py_buffer(np.packbits([1, 0, 1], bitorder="little")),
+             pa.py_buffer(np.array([0, 1, 3, 4], dtype=np.int32)), pa.py_buffer(b"abcd")],
+        ),
+    ],
+)
+def test_count_filled_is_non_null_non_empty(values: pa.Array) -> None:
+    expected = sum(1 for v in values.to_pylist() if v)
+    assert _count_filled(values) == expected
