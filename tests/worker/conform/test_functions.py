@@ -122,6 +122,18 @@ def test_plain_field_and_list(spec: Any, columns: dict, expected: list) -> None:
             {"a": ["", "p", None], "b": ["q", "", None], "c": ["r", "s", "t"]},
             ["q・r", "p・s", "t"],
         ),
+        # every value filled (the one-kernel way), trimmed, non-ASCII
+        (
+            {"function": "join", "fields": ["a", "b"], "separator": "-"},
+            {"a": [" 1", "2 ", "Ñ"], "b": ["x", "ÿ", " 3 "]},
+            ["1-x", "2-ÿ", "Ñ-3"],
+        ),
+        # filled until trimmed: a value of spaces is empty
+        (
+            {"function": "join", "fields": ["a", "b"], "separator": "-"},
+            {"a": ["1", "2"], "b": ["x", "  "]},
+            ["1-x", "2"],
+        ),
     ],
 )
 def test_join(spec: dict, columns: dict, expected: list) -> None:
@@ -731,3 +743,14 @@ def test_bad_specs_fail_naming_the_attribute(spec: Any, message: str) -> None:
     assert caught.value.problem == "conform_failed"
     assert "attribute 'street'" in str(caught.value)
     assert message in str(caught.value)
+
+
+def test_filled_everywhere_reads_only_its_slice() -> None:
+    from services.worker.conform.functions import _filled_everywhere
+
+    values = pa.array(["", "a", "b", "", None, "c"])
+    assert _filled_everywhere(values[1:3])
+    assert not _filled_everywhere(values[1:4])
+    assert not _filled_everywhere(values[4:6])
+    assert not _filled_everywhere(values)
+    assert _filled_everywhere(pa.array([], pa.string()))
