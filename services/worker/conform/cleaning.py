@@ -23,6 +23,8 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from services.worker.conform.arrays import filled_everywhere
+
 #: Attributes that hold house numbers.
 HOUSE_NUMBER_ATTRIBUTES: Final[frozenset[str]] = frozenset(
     {"number", "addr_from_left", "addr_to_left", "addr_from_right", "addr_to_right"}
@@ -39,9 +41,11 @@ def clean(attribute: str, values: pa.Array) -> pa.Array:
     values = pc.utf8_trim_whitespace(values)
     if attribute in HOUSE_NUMBER_ATTRIBUTES:
         # Only one ".0" goes, as in the reference; "12.00" is left for the source to fix.
-        values = pc.if_else(
-            pc.ends_with(values, ".0"), pc.utf8_slice_codeunits(values, 0, -2), values
-        )
+        ends = pc.ends_with(values, ".0")
+        if pc.any(ends).as_py():
+            values = pc.if_else(ends, pc.utf8_slice_codeunits(values, 0, -2), values)
     elif attribute in COORDINATE_ATTRIBUTES:
         values = pc.replace_substring(values, ",", ".")
+    if filled_everywhere(values):
+        return values
     return pc.if_else(pc.equal(values, ""), _NULL, values)

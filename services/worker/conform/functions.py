@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from services.worker.conform.arrays import filled_everywhere
 from services.worker.conform.fields import FieldResolver
 from services.worker.conform.layers import LAYER_ATTRIBUTES
 from services.worker.errors import RunError
@@ -566,14 +567,6 @@ def _field_list(spec: Mapping[str, Any], scope: _Scope, where: str) -> list[Step
     return [scope.reader(n, where) for n in names]
 
 
-def _filled_everywhere(values: pa.Array) -> bool:
-    """Whether no value is null or empty, read off the offsets."""
-    if values.null_count or len(values) == 0:
-        return len(values) == 0
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
-    return bool(np.diff(offsets[values.offset:values.offset + len(values) + 1]).min() > 0)
-
-
 def _joined(readers: Sequence[Step], separator: str) -> Step:
     """Trimmed non-empty values joined by ``separator`` (the reference join function)."""
 
@@ -581,7 +574,7 @@ def _joined(readers: Sequence[Step], separator: str) -> Step:
         parts = [pc.utf8_trim_whitespace(_text(read(env))) for read in readers]
         if len(parts) == 1:
             return parts[0]
-        if all(_filled_everywhere(part) for part in parts):
+        if all(filled_everywhere(part) for part in parts):
             # The usual batch: nothing to skip, one kernel.
             return pc.binary_join_element_wise(*parts, separator)
         # binary_join_element_wise(null_handling="skip") drops all-null rows from its output in

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import shapely
 from isal import isal_zlib
 
+from services.worker.conform.arrays import count_filled
 from services.worker.conform.layers import CSV_HEADER, LAYER_ATTRIBUTES
 from services.worker.conform.preview import PreviewSample, render_preview
 
@@ -173,19 +174,6 @@ def format_coordinates(values: np.ndarray) -> pa.Array:
         fallback = [format(v, ".12g") if np.isfinite(v) else "" for v in values[odd].tolist()]
         text = pc.replace_with_mask(text, pa.array(odd), pa.array(fallback, type=pa.string()))
     return text
-
-
-def _count_filled(values: pa.Array) -> int:
-    """How many values are neither null nor empty, from the offsets (no kernel per column)."""
-    if values.null_count == len(values):
-        return 0
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
-    nonempty = np.diff(offsets[values.offset:values.offset + len(values) + 1]) > 0
-    if values.null_count:
-        # A null slot's length is usually 0 but the format allows any: mask it.
-        valid = values.is_valid().to_numpy(zero_copy_only=False)
-        nonempty &= valid
-    return int(np.count_nonzero(nonempty))
 
 
 def _merge_constants(pieces: list[pa.Array | str]) -> list[pa.Array | str]:
@@ -499,7 +487,7 @@ class OutputWriter:
         """Add this batch's filled counts to the totals and return them."""
         filled: dict[str, int] = {}
         for name in self._attributes:
-            count = _count_filled(columns[name])
+            count = count_filled(columns[name])
             filled[name] = count
             self._stats.attribute_counts[name] += count
         return filled

@@ -746,7 +746,7 @@ def test_bad_specs_fail_naming_the_attribute(spec: Any, message: str) -> None:
 
 
 def test_filled_everywhere_reads_only_its_slice() -> None:
-    from services.worker.conform.functions import _filled_everywhere
+    from services.worker.conform.arrays import filled_everywhere as _filled_everywhere
 
     values = pa.array(["", "a", "b", "", None, "c"])
     assert _filled_everywhere(values[1:3])

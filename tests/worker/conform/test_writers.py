@@ -14,11 +14,11 @@ import pyogrio
 import pytest
 import shapely
 
+from services.worker.conform.arrays import count_filled as _count_filled
 from services.worker.conform.hashing import hash_rows
 from services.worker.conform.layers import CSV_HEADER, LAYER_ATTRIBUTES
 from services.worker.conform.writers import (
     OutputWriter,
-    _count_filled,
     _use_isal,
     archive_base,
     csv_field,

@@ -1,0 +1,34 @@
+"""Facts about Arrow string arrays read straight off their buffers, without a kernel call.
+
+Checking a batch's lengths is far cheaper than a kernel pass, so the conform and writer skip
+work (a null-for-empty pass, the empty-skipping join) on batches where it would change nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def value_lengths(values: pa.Array) -> np.ndarray:
+    """Byte length of each slot of a ``string``/``binary`` array (any offset), zero-copy."""
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
+    return np.diff(offsets[values.offset:values.offset + len(values) + 1])
+
+
+def count_filled(values: pa.Array) -> int:
+    """How many values are neither null nor empty."""
+    if values.null_count == len(values):
+        return 0
+    nonempty = value_lengths(values) > 0
+    if values.null_count:
+        # A null slot's length is usually 0, but the format allows any: mask it.
+        nonempty &= values.is_valid().to_numpy(zero_copy_only=False)
+    return int(np.count_nonzero(nonempty))
+
+
+def filled_everywhere(values: pa.Array) -> bool:
+    """Whether no value is null or empty (true for an empty array)."""
+    if len(values) == 0:
+        return True
+    return values.null_count == 0 and bool(value_lengths(values).min() > 0)
