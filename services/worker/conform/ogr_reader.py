@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyproj
 import structlog
 
+from services.worker.conform.curves import linearize
 from services.worker.errors import RunError
 
 # pyogrio (GDAL and its own PROJ) is imported on first use: it adds ~50 MiB of RSS and
@@ -186,7 +187,8 @@ class OgrReader:
         # (its name depends on the driver: wkb_geometry, geom, SHAPE, ...).
         columns = [to_strings(batch.column(i)) for i in range(len(self.fields))]
         if batch.num_columns > len(self.fields):
-            geometry = _as_binary(batch.column(len(self.fields)))
+            # Arcs (FileGDB, GeoPackage) become lines here, before anything needs GEOS.
+            geometry = linearize(_as_binary(batch.column(len(self.fields))))
         else:
             geometry = pa.nulls(batch.num_rows, pa.binary())
         return pa.RecordBatch.from_arrays([*columns, geometry], schema=self._schema)
