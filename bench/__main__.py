@@ -10,7 +10,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-MICRO = ("bench.bench_functions", "bench.bench_read", "bench.bench_writers")
+MICRO = (
+    "bench.bench_functions", "bench.bench_read", "bench.bench_writers", "bench.bench_isolation",
+)
 
 
 def main(argv: list[str]) -> int:
