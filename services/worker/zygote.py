@@ -217,7 +217,9 @@ class Zygote:
     and the worker service can use it from its one loop.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, command: list[str] | None = None) -> None:
+        #: How the zygote is started; only tests start anything else.
+        self.command = command or [sys.executable, "-m", "services.worker.zygote"]
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._next_id = 0
@@ -235,7 +237,7 @@ class Zygote:
             return
         self._ready = threading.Event()
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.worker.zygote"],
+            self.command,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, close_fds=True,
         )
         self._process = process
@@ -294,27 +296,41 @@ class Zygote:
             process.kill()
             process.wait()
 
+    def _settle(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            if message.get("ready"):
+                self._ready.set()
+            elif "returncode" in message:
+                ended = self._ends.pop(int(message["pid"]), None)
+                if ended is not None:
+                    ended.set_result(int(message["returncode"]))
+            elif "error" in message:
+                answer = self._forks.pop(int(message["id"]), None)
+                if answer is not None:
+                    answer.set_exception(ZygoteLost(str(message["error"])))
+            else:
+                pid = int(message["pid"])
+                ended = concurrent.futures.Future()
+                self._ends[pid] = ended
+                forked = self._forks.pop(int(message["id"]), None)
+                if forked is None:  # nobody waits for this child: it must not run
+                    _kill_group(pid)
+                else:
+                    forked.set_result(RunProcess(pid, ended))
+        # Futures are only ever settled here and never cancelled (callers await them
+        # shielded), so setting a result cannot fail.
+
     def _read(self, process: subprocess.Popen[bytes]) -> None:
         stream: IO[bytes] | None = process.stdout
         assert stream is not None
         for line in stream:
-            message = json.loads(line)
-            with self._lock:
-                if message.get("ready"):
-                    self._ready.set()
-                elif "returncode" in message:
-                    ended = self._ends.pop(message["pid"], None)
-                    if ended is not None:
-                        ended.set_result(int(message["returncode"]))
-                elif "error" in message:
-                    self._forks.pop(message["id"]).set_exception(ZygoteLost(message["error"]))
-                else:
-                    pid = int(message["pid"])
-                    ended = concurrent.futures.Future()
-                    self._ends[pid] = ended
-                    self._forks.pop(message["id"]).set_result(RunProcess(pid, ended))
-            # Futures are only ever settled here and never cancelled (callers await them
-            # shielded), so setting a result cannot fail.
+            try:
+                self._settle(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                # An answer we cannot read means the zygote is not what we think: stop it,
+                # and everything it had in flight is settled as lost below.
+                process.kill()
+                break
         process.wait()
         with self._lock:
             if self._process is process:

@@ -10,10 +10,14 @@ import asyncio
 import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from services.worker.isolation import Limits, run_isolated
-from services.worker.zygote import ZYGOTE, Zygote
+from services.worker.zygote import ZYGOTE, Zygote, ZygoteLost
 from tests.worker.test_isolation import (
     GOOD_CSV,
     MEMORY,
@@ -100,3 +104,25 @@ async def test_closing_the_zygote_ends_the_runs_it_forked(tmp_path: Path) -> Non
             break
         await asyncio.sleep(0.1)
     assert not alive(process.pid)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ['print("not json", flush=True)', 'print(\'{"id": 1, "pid": "x"}\', flush=True)'],
+)
+async def test_a_zygote_that_answers_nonsense_is_stopped_and_the_run_lost(
+    tmp_path: Path, answer: str
+) -> None:
+    # A real process that speaks no protocol, then hangs: the fork must fail at once.
+    fake = Zygote([sys.executable, "-c", f"import time\n{answer}\ntime.sleep(60)"])
+    started = time.monotonic()
+    with pytest.raises(ZygoteLost):
+        await asyncio.wait_for(
+            fake.fork(str(tmp_path / "r.json"), str(tmp_path / "o.txt"), memory_bytes=MEMORY,
+                      terminal=False),
+            20,
+        )
+    assert time.monotonic() - started < 15
+    process = fake._process
+    assert process is None or process.poll() is not None
+    fake.close()
