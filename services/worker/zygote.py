@@ -46,6 +46,7 @@ class ZygoteLost(Exception):
     """The zygote died or could not fork: the runs it had in flight become failed runs, and
     the next run starts a new zygote."""
 
+
 #: Modules every run needs, imported once by the zygote (what ``services.worker.child`` imports
 #: at its top). pyogrio (GDAL) and Pillow stay out on purpose: they are loaded by the runs that
 #: need them, and preloaded they would add ~55 MiB to the resident size of every CSV run.
