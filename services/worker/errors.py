@@ -18,4 +18,3 @@ class RunError(Exception):
 
     def __str__(self) -> str:
         return str(self.args[0])
-

@@ -10,13 +10,15 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from services.worker.isolation import Limits, run_isolated
+from services.worker.isolation import Limits, RunRequest, run_isolated
+from services.worker.state import RunState
 from services.worker.zygote import ZYGOTE, Zygote, ZygoteLost
 from tests.worker.test_isolation import (
     GOOD_CSV,
@@ -36,6 +38,18 @@ def folder(tmp_path: Path, name: str) -> Path:
     return path
 
 
+async def start_slow_run(
+    tmp_path: Path, name: str
+) -> tuple[RunRequest, asyncio.Task[RunState], int, subprocess.Popen[bytes]]:
+    """A run spinning in a catastrophic regexp: its request, task, pid and the zygote."""
+    slow = request(folder(tmp_path, name), SLOW_CSV, SLOW_STREET)
+    run = asyncio.create_task(run_isolated(slow, Limits(60, MEMORY)))
+    pid = await wait_for_child(slow)
+    zygote = ZYGOTE._process
+    assert zygote is not None
+    return slow, run, pid, zygote
+
+
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])
@@ -44,11 +58,7 @@ def parent_of(pid: int) -> int:
 async def test_runs_are_forked_from_the_zygote_not_started_by_the_caller(
     tmp_path: Path,
 ) -> None:
-    first = request(folder(tmp_path, "a"), SLOW_CSV, SLOW_STREET)
-    run = asyncio.create_task(run_isolated(first, Limits(60, MEMORY)))
-    pid = await wait_for_child(first)
-    zygote = ZYGOTE._process
-    assert zygote is not None
+    _, run, pid, zygote = await start_slow_run(tmp_path, "a")
     assert parent_of(pid) == zygote.pid != os.getpid()
     # Its own session and process group, so a time limit kills everything it started.
     assert os.getpgid(pid) == pid and os.getsid(pid) == pid
@@ -60,12 +70,8 @@ async def test_runs_are_forked_from_the_zygote_not_started_by_the_caller(
 async def test_a_zygote_killed_mid_run_fails_that_run_and_the_next_run_works(
     tmp_path: Path,
 ) -> None:
-    slow = request(folder(tmp_path, "slow"), SLOW_CSV, SLOW_STREET)
-    run = asyncio.create_task(run_isolated(slow, Limits(60, MEMORY)))
-    pid = await wait_for_child(slow)
+    slow, run, pid, zygote = await start_slow_run(tmp_path, "slow")
     await wait_until_logged(slow, "downloaded")
-    zygote = ZYGOTE._process
-    assert zygote is not None
     os.kill(zygote.pid, signal.SIGKILL)
     state = await asyncio.wait_for(run, 30)
     assert state.source_problem == "conform_failed"

@@ -16,6 +16,17 @@ def value_lengths(values: pa.Array) -> np.ndarray:
     return np.diff(offsets[values.offset:values.offset + len(values) + 1])
 
 
+def value_bytes(values: pa.Array) -> np.ndarray:
+    """The bytes of a ``string``/``binary`` array's values (any offset), as a zero-copy uint8
+    view."""
+    data = values.buffers()[2]
+    if data is None or len(values) == 0:
+        return np.empty(0, dtype=np.uint8)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
+    start, end = int(offsets[values.offset]), int(offsets[values.offset + len(values)])
+    return np.frombuffer(data, dtype=np.uint8)[start:end]
+
+
 def count_filled(values: pa.Array) -> int:
     """How many values are neither null nor empty."""
     if values.null_count == len(values):

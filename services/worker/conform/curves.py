@@ -76,7 +76,7 @@ def _curved_rows(wkb: pa.Array) -> np.ndarray:
     big = raw[3] | raw[2] << 8 | raw[1] << 16 | raw[0] << 24
     code = np.where(data[first] == 1, little, big)
     base = (code & 0x0FFFFFFF) % 1000
-    candidate = (base >= _CIRCULARSTRING) & (base <= _MULTISURFACE) | (base == _COLLECTION)
+    candidate = np.isin(base, [*_CURVED, _COLLECTION])
     return index[candidate]
 
 

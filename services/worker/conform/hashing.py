@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from services.worker.conform.arrays import value_bytes
+
 _ESC = "\x1e"
 _US = "\x1f"
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
@@ -42,14 +44,8 @@ _HASH_SLICE = 2048
 
 def _has_framing_bytes(values: pa.Array) -> bool:
     """Whether any value holds ESC or US, by one pass over the data buffer (no copy)."""
-    data = values.buffers()[2]
-    if data is None:
-        return False
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
-    start, end = int(offsets[values.offset]), int(offsets[values.offset + len(values)])
-    raw = np.frombuffer(data, dtype=np.uint8)[start:end]
     # ESC and US are 0x1E and 0x1F: after subtracting 0x1E (wrapping), exactly they are <= 1.
-    return bool(((raw - np.uint8(0x1E)) <= 1).any())
+    return bool(((value_bytes(values) - np.uint8(0x1E)) <= 1).any())
 
 
 def _escaped(values: pa.Array) -> pa.Array:

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import shapely
 from isal import isal_zlib
 
-from services.worker.conform.arrays import count_filled
+from services.worker.conform.arrays import count_filled, value_bytes
 from services.worker.conform.layers import CSV_HEADER, LAYER_ATTRIBUTES
 from services.worker.conform.preview import PreviewSample, render_preview
 
@@ -79,20 +79,10 @@ class OutputSummary:
 # --- text building blocks (column-wise) ---------------------------------------------------------
 
 
-def _data_bytes(values: pa.Array) -> np.ndarray:
-    """The bytes of a string array's values, as a zero-copy uint8 view."""
-    data = values.buffers()[2]
-    if data is None or len(values) == 0:
-        return np.empty(0, dtype=np.uint8)
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
-    start, end = int(offsets[values.offset]), int(offsets[values.offset + len(values)])
-    return np.frombuffer(data, dtype=np.uint8)[start:end]
-
-
 def _raw_text(values: pa.Array) -> bytes:
     """A copy of the values' bytes: bytes.__contains__ and translate run at memchr speed, far
     faster here than numpy's isin or a regex kernel over every row."""
-    return _data_bytes(values).tobytes()
+    return value_bytes(values).tobytes()
 
 
 def _contains_any(text: bytes, needles: bytes) -> bool:
