@@ -98,25 +98,38 @@ _JSON_SHORT_ESCAPES: Final = (
     ("\t", "\\t"),
 )
 _JSON_OTHER_CONTROLS: Final = bytes(c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D))
+#: Every byte that CSV quoting or JSON escaping acts on.
+_TEXT_SPECIAL: Final = bytes(range(0x20)) + b',"\\'
 
 
-def csv_field(values: pa.Array) -> pa.Array:
-    """Values as CSV fields with minimal quoting (like ``csv.QUOTE_MINIMAL``); null -> empty."""
-    values = pc.fill_null(values.cast(pa.string()), "")
-    if not _contains_any(_raw_text(values), _CSV_SPECIAL):
+def is_plain_text(raw: bytes) -> bool:
+    """Whether values with these bytes are their own CSV field and JSON string body (the
+    common case: one pass instead of a check per special byte per file format)."""
+    return len(raw.translate(None, _TEXT_SPECIAL)) == len(raw)
+
+
+def csv_field(values: pa.Array, raw: bytes | None = None) -> pa.Array:
+    """Values as CSV fields with minimal quoting (like ``csv.QUOTE_MINIMAL``).
+
+    Nulls stay null: the writer's joins write them as empty fields. ``raw`` is the values'
+    bytes when the caller has them already.
+    """
+    values = values.cast(pa.string())
+    if not _contains_any(_raw_text(values) if raw is None else raw, _CSV_SPECIAL):
         return values
     needs_quotes = pc.match_substring_regex(values, '[,"\r\n]')
     quoted = pc.binary_join_element_wise('"', pc.replace_substring(values, '"', '""'), '"', "")
     return pc.if_else(needs_quotes, quoted, values)
 
 
-def json_string_body(values: pa.Array) -> pa.Array:
-    """Values escaped for use *inside* JSON double quotes (UTF-8 kept); null -> empty.
+def json_string_body(values: pa.Array, raw: bytes | None = None) -> pa.Array:
+    """Values escaped for use *inside* JSON double quotes (UTF-8 kept).
 
-    Callers put the quotes into their constant text, which saves a join per column.
+    Callers put the quotes into their constant text, which saves a join per column. Nulls stay
+    null (the writer's joins write them as empty strings). ``raw`` as for :func:`csv_field`.
     """
-    values = pc.fill_null(values.cast(pa.string()), "")
-    text = _raw_text(values)
+    values = values.cast(pa.string())
+    text = _raw_text(values) if raw is None else raw
     escaped = values
     # Backslash first, so the escapes added afterwards are not escaped again.
     for needle, replacement in _JSON_SHORT_ESCAPES:
@@ -125,7 +138,7 @@ def json_string_body(values: pa.Array) -> pa.Array:
     if len(text.translate(None, _JSON_OTHER_CONTROLS)) != len(text):
         # Rare: let json.dumps encode just the rows holding other control characters.
         pattern = "[" + "".join(f"\\x{c:02x}" for c in _JSON_OTHER_CONTROLS) + "]"
-        mask = pc.match_substring_regex(values, pattern)
+        mask = pc.fill_null(pc.match_substring_regex(values, pattern), False)
         rows = pc.filter(values, mask).to_pylist()
         fixed = [json.dumps(v, ensure_ascii=False)[1:-1] for v in rows]
         escaped = pc.replace_with_mask(escaped, mask, pa.array(fixed, type=pa.string()))
@@ -134,7 +147,12 @@ def json_string_body(values: pa.Array) -> pa.Array:
 
 def json_string(values: pa.Array) -> pa.Array:
     """Values as JSON string literals; null -> ``""``."""
-    return pc.binary_join_element_wise('"', json_string_body(values), '"', "")
+    return _join('"', json_string_body(values), '"')
+
+
+def _join(*pieces: pa.Array | str, separator: str = "") -> pa.Array:
+    """Row-wise concatenation, a null piece counting as empty text."""
+    return pc.binary_join_element_wise(*pieces, separator, null_handling="replace")
 
 
 def format_coordinates(values: np.ndarray) -> pa.Array:
@@ -269,6 +287,7 @@ class _BackgroundSink:
         self._targets = targets
         self._queue: queue.Queue[pa.Buffer | bytes | None] = queue.Queue(_SINK_QUEUE_BATCHES)
         self._error: BaseException | None = None
+        self._finished = False
         self._thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
         self._thread.start()
 
@@ -287,10 +306,16 @@ class _BackgroundSink:
         self._raise_if_failed()
         self._queue.put(data)
 
+    def finish(self) -> None:
+        """Queue the end of the stream, without waiting for the writes before it."""
+        if not self._finished:
+            self._finished = True
+            self._queue.put(None)
+
     def close(self) -> None:
         """Flush everything queued and stop; re-raise a write error in the caller's thread."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            self.finish()
             self._thread.join()
         self._raise_if_failed()
 
@@ -446,19 +471,30 @@ class OutputWriter:
         columns = {name: self._column(batch, name) for name in (*self._attributes, "hash")}
         filled = self._count_attributes(columns)
         empty = {name for name, count in filled.items() if count == 0}
+        # Each column's bytes are scanned once for what CSV quoting or JSON escaping act on;
+        # plain columns (nearly all) go into both files as they are.
+        raw = {name: _raw_text(values) for name, values in columns.items() if name not in empty}
+        plain = {name for name, text in raw.items() if is_plain_text(text)}
         if self._is_addresses:
             lon = self._floats(batch, "lon")
             lat = self._floats(batch, "lat")
             # "lon,lat" serves both files: the CSV's first two fields and the GeoJSON point.
-            lon_lat = pc.binary_join_element_wise(
-                format_coordinates(lon), format_coordinates(lat), ","
-            )
+            lon_lat = _join(format_coordinates(lon), format_coordinates(lat), separator=",")
             geometry: list[pa.Array | str] = ['{"type":"Point","coordinates":[', lon_lat, "]}"]
             self._track_points(lon, lat)
-            self._write_csv(columns, lon_lat)
+            self._write_csv(
+                {name: columns[name] if name in plain or name in empty
+                 else csv_field(columns[name], raw[name]) for name in columns},
+                lon_lat,
+            )
         else:
             geometry = [self._track_shapes(batch)]
-        self._write_geojson(columns, empty, geometry)
+        self._write_geojson(
+            {name: columns[name] if name in plain else json_string_body(columns[name], raw[name])
+             for name in columns if name not in empty},
+            empty,
+            geometry,
+        )
         self._stats.feature_count += batch.num_rows
 
     @staticmethod
@@ -521,24 +557,25 @@ class OutputWriter:
         return pc.fill_null(pa.array(text, type=pa.string()), "null")
 
     def _write_geojson(
-        self, columns: Mapping[str, pa.Array], empty: set[str], geometry: list[pa.Array | str]
+        self, bodies: Mapping[str, pa.Array], empty: set[str], geometry: list[pa.Array | str]
     ) -> None:
+        """``bodies``: each non-empty column escaped for use inside JSON quotes."""
         pieces: list[pa.Array | str] = []
         for prefix, name in zip(self._property_prefixes, (*self._attributes, "hash"), strict=True):
             pieces.append(prefix)
             if name not in empty:  # an all-empty column is just its constant text
-                pieces.append(json_string_body(columns[name]))
+                pieces.append(bodies[name])
         pieces += ['"},"geometry":', *geometry, "}\n"]
         # Each argument costs a pass over the rows, so adjacent constants are merged first.
-        lines = pc.binary_join_element_wise(*_merge_constants(pieces), "")
-        self._geojson.write(_concat_bytes(lines))
+        self._geojson.write(_concat_bytes(_join(*_merge_constants(pieces))))
 
-    def _write_csv(self, columns: Mapping[str, pa.Array], lon_lat: pa.Array) -> None:
+    def _write_csv(self, fields: Mapping[str, pa.Array], lon_lat: pa.Array) -> None:
+        """``fields``: each column as CSV fields (quoted where needed)."""
         assert self._csv is not None
-        fields = [lon_lat, *(csv_field(columns[name.lower()]) for name in CSV_HEADER[2:-1])]
         # The line end rides on the last field, so the joined values are the file's bytes.
-        fields.append(pc.binary_join_element_wise(csv_field(columns["hash"]), _CRLF, ""))
-        self._csv.write(_concat_bytes(pc.binary_join_element_wise(*fields, ",")))
+        last = _join(fields["hash"], _CRLF)
+        line = [lon_lat, *(fields[name.lower()] for name in CSV_HEADER[2:-1]), last]
+        self._csv.write(_concat_bytes(_join(*line, separator=",")))
 
     # -- at the end
 
@@ -547,18 +584,22 @@ class OutputWriter:
         if self._closed:
             raise RuntimeError("OutputWriter is already closed")
         self._closed = True
-        try:
-            self._finish_streams()
-        except BaseException:
-            self.abort()
-            raise
         files: dict[str, Path] = {GEOJSON_NAME: self._outdir / GEOJSON_NAME}
         if self._zip is not None:
             files[CSV_NAME] = self._outdir / CSV_NAME
             files[ZIP_NAME] = self._zip.path
-        if len(self._sample):
-            files[PREVIEW_NAME] = self._outdir / PREVIEW_NAME
-            render_preview(self._sample, files[PREVIEW_NAME])
+        try:
+            # The preview is drawn while the sinks write (and deflate) their last batches.
+            for sink in (self._geojson, self._csv):
+                if sink is not None:
+                    sink.finish()
+            if len(self._sample):
+                files[PREVIEW_NAME] = self._outdir / PREVIEW_NAME
+                render_preview(self._sample, files[PREVIEW_NAME])
+            self._finish_streams()
+        except BaseException:
+            self.abort()
+            raise
         return OutputSummary(
             feature_count=self._stats.feature_count,
             geometry_type=self._stats.geometry_type(self._layer),
