@@ -43,3 +43,18 @@ def filled_everywhere(values: pa.Array) -> bool:
     if len(values) == 0:
         return True
     return values.null_count == 0 and bool(value_lengths(values).min() > 0)
+
+
+def ends_are_visible_ascii(values: pa.Array) -> bool:
+    """Whether every non-empty value starts and ends with a printable ASCII byte (0x21-0x7E),
+    so trimming whitespace, ASCII or Unicode, would change nothing."""
+    data = values.buffers()[2] if len(values) else None
+    if data is None:
+        return True
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
+    starts = offsets[values.offset:values.offset + len(values)]
+    ends = offsets[values.offset + 1:values.offset + len(values) + 1]
+    nonempty = ends > starts
+    text = np.frombuffer(data, dtype=np.uint8)
+    edges = np.concatenate([text[starts[nonempty]], text[ends[nonempty] - 1]])
+    return bool(((edges - np.uint8(0x21)) < 0x5E).all())

@@ -23,7 +23,7 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from services.worker.conform.arrays import filled_everywhere
+from services.worker.conform.arrays import ends_are_visible_ascii, filled_everywhere
 
 #: Attributes that hold house numbers.
 HOUSE_NUMBER_ATTRIBUTES: Final[frozenset[str]] = frozenset(
@@ -38,7 +38,8 @@ def clean(attribute: str, values: pa.Array) -> pa.Array:
     """Cleaned ``pa.string()`` values of one attribute: trimmed, rules applied, empty as null."""
     if values.type != pa.string():
         values = values.cast(pa.string())
-    values = pc.utf8_trim_whitespace(values)
+    if not ends_are_visible_ascii(values):
+        values = pc.utf8_trim_whitespace(values)
     if attribute in HOUSE_NUMBER_ATTRIBUTES:
         # Only one ".0" goes, as in the reference; "12.00" is left for the source to fix.
         ends = pc.ends_with(values, ".0")

@@ -49,10 +49,11 @@ def _has_framing_bytes(values: pa.Array) -> bool:
 
 
 def _escaped(values: pa.Array) -> pa.Array:
-    """``values`` as non-null strings with the two framing bytes escaped."""
+    """``values`` as strings with the two framing bytes escaped (nulls stay null: the row
+    join writes them as empty, like ``""``)."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
-    values = pc.fill_null(values.cast(pa.string()), "")
+    values = values.cast(pa.string())
     # Replacing is the identity when neither byte occurs, so skipping it is only a shortcut
     # and cannot make a value's encoding depend on its batch.
     if _has_framing_bytes(values):
@@ -79,7 +80,7 @@ def _geometry_bytes(geometry: pa.Array | tuple[np.ndarray, np.ndarray]) -> pa.Ar
         return _point_bytes(np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64))
     if isinstance(geometry, pa.ChunkedArray):
         geometry = geometry.combine_chunks()
-    return pc.fill_null(geometry.cast(pa.binary()), b"")
+    return geometry.cast(pa.binary())
 
 
 def _hex(digests: bytes, count: int) -> pa.Array:
@@ -102,7 +103,9 @@ def row_bytes(
     # The geometry goes last: with a fixed number of escaped values before it, the separators
     # before it are unambiguous even though its own bytes may contain anything.
     parts.append(_geometry_bytes(geometry))
-    return pc.binary_join_element_wise(*parts, _US.encode())
+    return pc.binary_join_element_wise(
+        *parts, _US.encode(), null_handling="replace", null_replacement=b""
+    )
 
 
 def hash_rows(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from services.worker.conform.arrays import ends_are_visible_ascii
 from services.worker.conform.cleaning import clean
 
 
@@ -14,6 +15,9 @@ from services.worker.conform.cleaning import clean
         # every attribute is trimmed, Unicode whitespace included; empty is null
         ("street", "  Main St  ", "Main St"),
         ("city", "\u3000東京都\u3000", "東京都"),
+        ("street", "Main St\u00a0", "Main St"),
+        ("street", "\u2003Main St", "Main St"),
+        ("street", "Main St\x0b", "Main St"),
         ("unit", "\t\n", None),
         ("city", "", None),
         ("region", None, None),
@@ -48,3 +52,18 @@ def test_clean_keeps_length_and_type_and_accepts_large_strings() -> None:
     cleaned = clean("number", values)
     assert cleaned.type == pa.string()
     assert cleaned.to_pylist() == ["1", None, "x", None]
+
+
+def test_trimming_is_skipped_only_when_no_value_has_an_edge_to_trim() -> None:
+    values = pa.array(["Main St", None, "", "Oak Ave ", "東京", "x"])
+    assert ends_are_visible_ascii(values[0:3])
+    assert not ends_are_visible_ascii(values[0:4])  # a trailing space
+    assert not ends_are_visible_ascii(values[4:5])  # non-ASCII edges are left to the kernel
+    assert ends_are_visible_ascii(values[5:6])
+    assert ends_are_visible_ascii(pa.array([], pa.string()))
+    assert ends_are_visible_ascii(pa.array([None, None], pa.string()))
+    # the same rows cleaned in one batch or one at a time give the same values
+    whole = clean("street", values).to_pylist()
+    one_by_one = [clean("street", values[i:i + 1]).to_pylist()[0] for i in range(len(values))]
+    assert whole == one_by_one
+    assert whole == ["Main St", None, None, "Oak Ave", "東京", "x"]
