@@ -6,7 +6,6 @@ A launcher, not a service: it imports a service's entry point only when asked fo
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import sys
 from typing import TYPE_CHECKING
@@ -76,6 +75,9 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def _migrate(settings: Settings) -> None:
+    # asyncio here, not at the top: process-one starts its zygote before importing it.
+    import asyncio
+
     from shared.db import migrate
 
     applied = asyncio.run(migrate(settings.database_url))
