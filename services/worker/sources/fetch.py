@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -216,12 +216,6 @@ def _local_path(url: str) -> Path:
     return Path(url)
 
 
-def _write_all(out: BinaryIO, data: bytes) -> None:
-    view = memoryview(data)
-    while view:  # an unbuffered file may take fewer bytes than offered
-        view = view[out.write(view) or 0:]
-
-
 def _copy_local(url: str, workdir: Path, progress: Callable[[int], None] | None) -> Download:
     # Copied rather than used in place: the run owns and may rename or delete its download.
     source = _local_path(url)
@@ -234,11 +228,11 @@ def _copy_local(url: str, workdir: Path, progress: Callable[[int], None] | None)
     # so the copy costs the longer of the two instead of their sum.
     with (
         source.open("rb", buffering=0) as src,
-        dest.open("wb", buffering=0) as out,
+        dest.open("wb") as out,  # buffered: its write() takes the whole block or raises
         ThreadPoolExecutor(1, thread_name_prefix="copy") as pool,
     ):
         while block := src.read(COPY_BLOCK_BYTES):
-            written = pool.submit(_write_all, out, block)
+            written = pool.submit(out.write, block)
             md5.update(block)
             written.result()
             size_bytes += len(block)
