@@ -184,9 +184,14 @@ async def test_redelivery_creates_no_second_job(
         assert (await second.json())["job"] == (await first.json())["job"]
 
         async def job_final() -> bool:
-            return await db_pool.fetchval("SELECT count(*) FROM jobs WHERE status IS NOT NULL") == 1
+            # The final status leaves through the outbox after the job's own commit, so
+            # wait for both (the job row alone raced the delivery).
+            finished = await db_pool.fetchval(
+                "SELECT count(*) FROM jobs WHERE status IS NOT NULL"
+            )
+            return finished == 1 and github.states(sha)[-1:] == ["success"]
 
-        await wait_for(job_final, what="the job to finish")
+        await wait_for(job_final, what="the job to finish and its status to reach GitHub")
     assert await db_pool.fetchval("SELECT count(*) FROM jobs") == 1
     assert await db_pool.fetchval("SELECT count(*) FROM runs") == 2
     assert github.states(sha) == ["pending", "success"]
