@@ -1,73 +1,82 @@
 """RabbitMQ: topology, confirmed persistent publishing, and consuming with one ack policy.
 
-Topology (declared by :meth:`Broker.connect`, idempotently)::
+Topology (declared on the first connection, idempotently)::
 
-    exchange tasks ──task──────────▶ queue tasks ┐
-    exchange done  ──done, heartbeat▶ queue done  ├─ x-dead-letter-exchange: dead
-    exchange due   ──due───────────▶ queue due   ┘  x-dead-letter-routing-key: dead
-    exchange dead  ──dead──────────▶ queue dead
+    exchange tasks ──task──────────────────────▶ queue tasks ┐
+    exchange done  ──done, heartbeat, returned─▶ queue done  ├─ x-dead-letter-exchange: dead
+    exchange due   ──due───────────────────────▶ queue due   ┘  x-dead-letter-routing-key: dead
+    exchange dead  ──dead──────────────────────▶ queue dead
 
 Every exchange is a durable direct exchange and every queue a durable *classic* queue: it
 works the same on the RabbitMQ 3.10 of the development host and on the latest 3.x of
 docker-compose's ``rabbitmq:3-management``. (Quorum queues would give ``x-delivery-count``,
 but they need three nodes to be worth it and change dead-lettering semantics.)
 
+Connecting
+    :class:`Broker` connects in the background and keeps reconnecting for as long as it lives
+    (aio-pika's robust connection, restoring channels, declarations and subscriptions). A
+    service therefore starts, and stays up, while RabbitMQ is down; :meth:`Broker.wait_ready`
+    waits for the first connection and :attr:`Broker.ready` tells whether it is connected now.
+
 Publishing
     :meth:`Broker.publish` sends a JSON body on a channel with publisher confirms, as a
     persistent message, with ``mandatory=True``: it returns only once the broker has the
     message, and raises :class:`PublishError` when the broker refuses it or cannot route it,
-    or when the exchange is not in the topology. While the robust connection reconnects,
-    publish waits for it (up to ``PUBLISH_TIMEOUT_S``) instead of failing at once.
+    when the exchange is not in the topology, or when the broker stays unreachable for
+    ``PUBLISH_TIMEOUT_S``. Callers decide what an unsent message becomes (the worker keeps it
+    on disk, the dispatcher leaves the run unqueued for its sweep).
 
-Concurrency
-    A consumer runs up to ``prefetch`` handlers at once (``Broker.connect(prefetch=...)``), so
-    with ``prefetch > 1`` two messages of one queue may be handled out of order; with
-    ``prefetch=1`` a queue is handled one message at a time, in order (except retried ones).
-
-Consuming: the one ack policy (all of it in :meth:`Broker._settle`)
+Consuming with :meth:`Broker.consume`: the one ack policy (all of it in ``_handle``)
     * The body is validated with :data:`shared.messages.ANY_MESSAGE`. Invalid JSON, a schema
       failure, or a kind the consumer does not ``accept`` → ``reject(requeue=False)``, so the
       message goes to the ``dead`` queue; the reason is logged (``broker.dead_lettered``).
-    * The handler returns → ``ack``.
+    * The handler returns → ``ack`` (so a handler that commits a transaction acks only after
+      the commit).
     * The handler raises :class:`shared.errors.MessageError` → dead-lettered as above.
-    * The handler raises anything else → a transient failure (database or broker down): after
-      a back-off delay (0.5 s doubling, at most 30 s) the message is *republished* to the same
-      queue with the header ``x-oa-retries`` incremented, then the original is acked. Once
-      ``x-oa-retries`` reaches ``max_retries`` (default 5) the message is dead-lettered
-      instead. We republish rather than ``nack(requeue=True)`` because a requeued message
-      comes back unchanged, so nothing could count its failures and a poison message would
-      loop for ever (``x-delivery-count`` exists only on quorum queues). The retry count
-      travels with the message, not in a process. If the republish itself fails (broker
-      gone) the message is ``nack``-ed with requeue, or simply left unacked: RabbitMQ
-      redelivers it when the channel closes. A retried message goes to the back of its queue;
-      consumers are idempotent and guard state changes in SQL, so order is not relied upon.
-    * The consumer is cancelled → messages whose handler is still running (or waiting for a
-      retry) are ``nack``-ed with requeue; a settlement already decided (ack, reject,
-      republish) is shielded from the cancellation and completes.
-    A process crash while handling a message is not counted (nothing runs after the crash):
-    RabbitMQ redelivers the message, so a message that crashes the process every time would
-    loop; the worker, where crashes are plausible, avoids this by acking early (below).
+    * The handler raises an *outage* (:func:`shared.outage.is_outage`: PostgreSQL, RabbitMQ or
+      storage unreachable or restarting) → the message is kept and the handler called again
+      after a back-off (0.5 s doubling, at most 30 s), for as long as the outage lasts. It is
+      never counted and never dead-lettered: the work is fine, a dependency is not. While
+      every slot waits, nothing more is taken from the queue: back-pressure for free.
+    * The handler raises anything else (a bug, a constraint violation) → after a back-off the
+      message is *republished* to the same queue with the header ``x-oa-retries``
+      incremented, then the original is acked; once ``x-oa-retries`` reaches ``max_retries``
+      (default 5) the message is dead-lettered with the last error. We republish rather than
+      ``nack(requeue=True)`` because a requeued message comes back unchanged, so nothing could
+      count its failures (``x-delivery-count`` exists only on quorum queues). The count travels
+      with the message, not in a process.
+    * The channel of a message closes (broker restart) → RabbitMQ redelivers it; the handler
+      of the old delivery stops retrying and its settlement is skipped. Consumers are
+      idempotent, so a redelivered message that was in fact handled changes nothing.
+    * The consumer is cancelled → messages whose handler is still running (or waiting to try
+      again) are ``nack``-ed with requeue; a settlement already decided is shielded from the
+      cancellation and completes.
+    A consumer runs up to ``prefetch`` handlers at once (``Broker(prefetch=...)``), so with
+    ``prefetch > 1`` two messages of one queue may be handled out of order.
 
-Ack early (``ack_early=True``): the worker's policy for tasks
+Taking work with :meth:`Broker.feed`: the worker's policy for tasks
     A run lasts up to hours, longer than RabbitMQ's ``consumer_timeout`` (30 minutes by
     default), after which the broker would close the channel of a consumer holding an unacked
-    message. So the worker consumes ``tasks`` with ``ack_early=True``: a valid message is acked
-    *before* the handler starts, and a run lost afterwards (worker killed, host gone) is
-    recovered by the deadline flow: the run's ``deadline_at`` passes, a ``Due`` message is
-    handled by the dequeuer, which settles or re-queues the run. In this mode handler
-    exceptions are only logged. So that a busy worker does not hoard tasks other workers could
-    start, an ``ack_early`` consumer does not use a push subscription (acking would let the
-    broker push the next task while the first still runs); it pulls with ``basic.get`` only
-    when one of its ``prefetch`` slots is free, polling every ``poll_interval_s`` when idle.
+    message. So a task is acknowledged when the worker *starts* it, and what protects the run
+    from then on is its lease in PostgreSQL: ``before_ack`` (the worker's first heartbeat
+    naming the run, confirmed by the broker) is published before the ack, so there is no
+    moment when a taken task is neither in the queue nor known to be running. A worker that
+    dies before the ack gives the task back to the queue (unacked); after it, the run's lease
+    expires and the dequeuer queues it again (see ``services/dequeuer/recovery.py``).
+    The feed subscribes (``basic.consume``) only while it has a free slot and cancels its
+    subscription when all are taken, so a busy worker never hoards tasks another could start,
+    the broker's consumer count shows the workers ready for work, and a new task reaches an
+    idle worker at once instead of at its next poll.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import aio_pika
 import structlog
@@ -78,9 +87,11 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
+    ConsumerTag,
 )
 from pydantic import ValidationError
 
+from shared import metrics
 from shared.errors import BrokerError, MessageError
 from shared.messages import (
     ANY_MESSAGE,
@@ -96,20 +107,23 @@ from shared.messages import (
     ROUTE_DONE,
     ROUTE_DUE,
     ROUTE_HEARTBEAT,
+    ROUTE_RETURNED,
     ROUTE_TASK,
     Done,
     Due,
     Heartbeat,
     Message,
+    Returned,
     Task,
 )
+from shared.outage import Backoff, is_outage
 
 log = structlog.get_logger(__name__)
 
-AnyMessageModel = Task | Done | Due | Heartbeat
+AnyMessageModel = Task | Done | Due | Heartbeat | Returned
 M = TypeVar("M", bound=Message)
 
-#: Header carrying how many times a message has been republished after a transient failure.
+#: Header carrying how many times a message has been republished after a failure of its own.
 RETRIES_HEADER = "x-oa-retries"
 DEFAULT_MAX_RETRIES = 5
 RETRY_DELAY_S = 0.5
@@ -129,7 +143,7 @@ _DEAD_LETTER_ARGS: dict[str, Any] = {
 #: queue -> (exchange, routing keys bound, dead-lettered?)
 TOPOLOGY: dict[str, tuple[str, tuple[str, ...], bool]] = {
     QUEUE_TASKS: (EXCHANGE_TASKS, (ROUTE_TASK,), True),
-    QUEUE_DONE: (EXCHANGE_DONE, (ROUTE_DONE, ROUTE_HEARTBEAT), True),
+    QUEUE_DONE: (EXCHANGE_DONE, (ROUTE_DONE, ROUTE_HEARTBEAT, ROUTE_RETURNED), True),
     QUEUE_DUE: (EXCHANGE_DUE, (ROUTE_DUE,), True),
     QUEUE_DEAD: (EXCHANGE_DEAD, (ROUTE_DEAD,), False),
 }
@@ -163,38 +177,133 @@ def _retries_of(message: AbstractIncomingMessage) -> int:
         return 0
 
 
-class Broker:
-    """A robust connection to RabbitMQ with the oa-machine topology declared."""
+def _accepted(message: AbstractIncomingMessage, accept: tuple[type[M], ...]) -> M:
+    model = decode(message.body)
+    if not isinstance(model, accept):
+        names = ", ".join(sorted(cls.__name__ for cls in accept))
+        raise MessageError(f"kind {model.kind!r} not accepted here (accepts {names})")
+    return model
 
-    def __init__(
-        self,
-        connection: AbstractRobustConnection,
-        publish_channel: AbstractRobustChannel,
-        exchanges: dict[str, AbstractExchange],
-        prefetch: int,
-    ) -> None:
-        self._connection = connection
-        self._publish_channel = publish_channel
-        self._exchanges = exchanges
+
+def _channel_closed(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel ``message`` came on is gone (RabbitMQ redelivers it then)."""
+    channel = getattr(message, "channel", None)
+    return bool(getattr(channel, "is_closed", False))
+
+
+class Broker:
+    """A connection to RabbitMQ that reconnects by itself, with the oa-machine topology.
+
+    ``prefetch`` is how many messages each :meth:`consume` handles at once. Create it and call
+    :meth:`start` (or use :meth:`connect`, which also waits for the first connection).
+    """
+
+    def __init__(self, url: str, *, prefetch: int = 1) -> None:
+        self._url = url
         self._prefetch = prefetch
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._opened = asyncio.Event()
         self._closed = asyncio.Event()
-        #: Tasks running consume(), so close() can let them unsubscribe cleanly first.
+        self._opener: asyncio.Task[None] | None = None
+        #: Tasks running consume() or feeds, so close() can let them unsubscribe cleanly first.
         self._consumers: set[asyncio.Task[Any]] = set()
+        self._feeds: set[TaskFeed[Any]] = set()
+        #: Called (without arguments) after each reconnection, e.g. to flush an outbox.
+        self.on_reconnect: list[Callable[[], None]] = []
+        #: ``time.monotonic()`` of the last sign of an outage seen here: a lost connection, or a
+        #: handler that had to wait for a dependency. The dequeuer waits for a quiet spell after
+        #: it before it presumes runs lost (their heartbeats may still be on their way).
+        self.last_trouble_at: float = time.monotonic()
 
     @classmethod
     async def connect(cls, url: str, *, prefetch: int = 1) -> Broker:
-        """Connect (reconnecting by itself later) and declare the topology.
-
-        ``prefetch`` is how many messages each :meth:`consume` handles at once.
-        """
-        connection = await aio_pika.connect_robust(url, reconnect_interval=RECONNECT_INTERVAL_S)
+        """A started broker, once its first connection is made and the topology declared."""
+        broker = cls(url, prefetch=prefetch)
+        broker.start()
         try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            exchanges = await declare_topology(channel)
+            await broker.wait_ready()
         except BaseException:
-            await connection.close()
+            await broker.close()
             raise
-        return cls(connection, channel, exchanges, prefetch)
+        return broker
+
+    def start(self) -> None:
+        """Begin connecting in the background; returns at once."""
+        if self._opener is None:
+            self._opener = asyncio.create_task(self._open())
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Wait until the first connection is made (``TimeoutError`` after ``timeout_s``)."""
+        self.start()
+        opened = asyncio.ensure_future(self._opened.wait())
+        waiting: set[asyncio.Future[Any]] = {opened}
+        if self._opener is not None:
+            waiting.add(self._opener)
+        try:
+            await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            opened.cancel()
+        if self._opener is not None and self._opener.done() and not self._opened.is_set():
+            self._opener.result()  # raises what stopped it
+            raise BrokerError("the broker was closed before it connected")
+        if not self._opened.is_set():
+            raise TimeoutError(f"RabbitMQ not reachable within {timeout_s:g} s")
+
+    @property
+    def ready(self) -> bool:
+        """Connected now, with the publishing channel open (for readiness probes)."""
+        connection, channel = self._connection, self._publish_channel
+        return bool(
+            connection is not None and not connection.is_closed and connection.connected.is_set()
+            and channel is not None and not channel.is_closed
+        )
+
+    async def _open(self) -> None:
+        backoff = Backoff(first_s=0.5, max_s=RECONNECT_INTERVAL_S * 5)
+        while not self._closed.is_set():
+            connection: AbstractRobustConnection | None = None
+            try:
+                connection = await aio_pika.connect_robust(
+                    self._url, reconnect_interval=RECONNECT_INTERVAL_S
+                )
+                channel = await connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._exchanges = await declare_topology(channel)
+            except Exception as exc:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+                if not is_outage(exc):
+                    raise
+                delay_s = backoff.next_delay_s()
+                self.last_trouble_at = time.monotonic()
+                log.warning("broker.unavailable", error=repr(exc), retry_in_s=round(delay_s, 1))
+                metrics.DEPENDENCY_ERRORS.labels("rabbitmq").inc()
+                await asyncio.sleep(delay_s)
+                continue
+            connection.reconnect_callbacks.add(self._reconnected)
+            self._connection, self._publish_channel = connection, channel
+            self._opened.set()
+            log.info("broker.connected")
+            return
+
+    def _reconnected(self, *_: Any) -> None:
+        self.last_trouble_at = time.monotonic()
+        metrics.RECONNECTS.labels("rabbitmq").inc()
+        log.info("broker.reconnected")
+        for callback in list(self.on_reconnect):
+            try:
+                callback()
+            except Exception:  # a listener's bug must not stop the others
+                log.exception("broker.reconnect_callback_failed")
+
+    def _require_connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise PublishError("broker unavailable: not connected yet")
+        return self._connection
 
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
         """Publish ``message`` persistently; returns once the broker has confirmed it.
@@ -216,18 +325,17 @@ class Broker:
     async def _publish_raw(
         self, exchange: str, routing_key: str, amqp_message: aio_pika.Message
     ) -> None:
-        channel = self._publish_channel
-        if exchange == "":
-            target = channel.default_exchange
-        elif exchange in self._exchanges:
-            target = self._exchanges[exchange]
-        else:
+        if exchange != "" and exchange not in TOPOLOGY_EXCHANGES:
             # Publishing to a missing exchange would make the broker close the channel;
             # the topology is fixed, so a name outside it is a bug worth a clear error.
             raise PublishError(f"unknown exchange {exchange!r}: not in the topology")
         try:
-            # After a connection loss or a channel error the robust channel reopens in the
-            # background; wait for it rather than fail at once.
+            await asyncio.wait_for(self._opened.wait(), PUBLISH_TIMEOUT_S)
+            channel = self._publish_channel
+            assert channel is not None
+            target = channel.default_exchange if exchange == "" else self._exchanges[exchange]
+            # After a connection loss the robust channel reopens in the background; wait for
+            # it rather than fail at once.
             await asyncio.wait_for(channel.ready(), PUBLISH_TIMEOUT_S)
             await target.publish(
                 amqp_message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S
@@ -236,8 +344,14 @@ class Broker:
             raise PublishError(f"unroutable: exchange {exchange!r} key {routing_key!r}") from exc
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(f"refused by the broker: exchange {exchange!r}") from exc
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Any error of the client while the connection is down, including aiormq's own
+            # RuntimeErrors (ChannelInvalidStateError), means "not published now".
             raise PublishError(f"broker unavailable: {exc!r}") from exc
+
+    # --- at-least-once consumers ---------------------------------------------------------
 
     async def consume(
         self,
@@ -245,21 +359,19 @@ class Broker:
         handler: Callable[[M], Awaitable[None]],
         *,
         accept: tuple[type[M], ...],
-        ack_early: bool = False,
         max_retries: int = DEFAULT_MAX_RETRIES,
-        poll_interval_s: float = 1.0,
     ) -> None:
         """Handle the messages of ``queue`` until cancelled or the broker is closed.
 
         ``accept`` lists the message classes this consumer handles; anything else is
-        dead-lettered. See the module docstring for the ack policy and ``ack_early``.
-        Never raises because of a message; handlers may run ``prefetch`` at a time.
+        dead-lettered. See the module docstring for the ack policy. Never raises because of a
+        message or an outage; handlers run up to ``prefetch`` at a time.
         """
         current = asyncio.current_task()
         if current is not None:
             self._consumers.add(current)
         try:
-            await self._consume(queue, handler, accept, ack_early, max_retries, poll_interval_s)
+            await self._consume(queue, handler, accept, max_retries)
         finally:
             if current is not None:
                 self._consumers.discard(current)
@@ -269,39 +381,33 @@ class Broker:
         queue: str,
         handler: Callable[[M], Awaitable[None]],
         accept: tuple[type[M], ...],
-        ack_early: bool,
         max_retries: int,
-        poll_interval_s: float,
     ) -> None:
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=self._prefetch)
-        amqp_queue = await channel.get_queue(queue, ensure=True)
+        await self._opened.wait()
         in_flight: set[asyncio.Task[None]] = set()
         bound = log.bind(queue=queue)
+        channel, amqp_queue = await self._subscription_channel(queue, self._prefetch)
+        held = metrics.UNACKED.labels(queue)
 
-        def spawn(message: AbstractIncomingMessage) -> asyncio.Task[None]:
-            task = asyncio.create_task(
-                self._settle(queue, message, handler, accept, ack_early, max_retries)
-            )
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            held.inc()
+            task = asyncio.create_task(self._handle(queue, message, handler, accept, max_retries))
             in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-            return task
 
+            def finished(done: asyncio.Task[None]) -> None:
+                in_flight.discard(done)
+                held.dec()
+
+            task.add_done_callback(finished)
+
+        tag: ConsumerTag | None = None
         try:
-            if ack_early:
-                await self._pull_loop(amqp_queue, spawn, in_flight, poll_interval_s)
-            else:
-
-                async def on_message(message: AbstractIncomingMessage) -> None:
-                    spawn(message)
-
-                tag = await amqp_queue.consume(on_message)
-                bound.info("broker.consuming", ack_early=False)
-                try:
-                    await self._closed.wait()
-                finally:
-                    await _quietly(amqp_queue.cancel(tag))
+            tag = await _retrying(lambda: amqp_queue.consume(on_message), self._closed, "consume")
+            bound.info("broker.consuming")
+            await self._closed.wait()
         finally:
+            if tag is not None:
+                await _quietly(amqp_queue.cancel(tag))
             for task in list(in_flight):
                 task.cancel()
             if in_flight:
@@ -309,99 +415,76 @@ class Broker:
             await _quietly(channel.close())
             bound.info("broker.stopped_consuming")
 
-    async def _pull_loop(
-        self,
-        amqp_queue: AbstractQueue,
-        spawn: Callable[[AbstractIncomingMessage], asyncio.Task[None]],
-        in_flight: set[asyncio.Task[None]],
-        poll_interval_s: float,
-    ) -> None:
-        log.info("broker.consuming", queue=amqp_queue.name, ack_early=True)
-        while not self._closed.is_set():
-            if len(in_flight) >= self._prefetch:
-                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                message = await amqp_queue.get(no_ack=False, fail=False, timeout=10)
-            except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
-                # aiormq may turn our own cancellation into a channel error: never swallow it.
-                if _cancelling():
-                    raise asyncio.CancelledError from exc
-                # The robust connection is reconnecting; try again a little later.
-                log.warning("broker.get_failed", queue=amqp_queue.name, error=repr(exc))
-                await asyncio.sleep(poll_interval_s)
-                continue
-            if _cancelling():
-                # Python 3.11's wait_for (inside aiormq) can swallow a cancellation that
-                # arrives as the reply does: give the message back and stop as asked.
-                if message is not None:
-                    await _quietly(message.nack(requeue=True))
-                raise asyncio.CancelledError
-            if message is None:
-                await asyncio.sleep(poll_interval_s)
-                continue
-            spawn(message)
+    async def _subscription_channel(
+        self, queue: str, prefetch: int
+    ) -> tuple[AbstractRobustChannel, AbstractQueue]:
+        """A robust channel of its own with ``prefetch`` and ``queue`` declared on it."""
 
-    async def _settle(
+        async def open_channel() -> tuple[AbstractRobustChannel, AbstractQueue]:
+            channel = await self._require_connection().channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            _exchange, _routes, dead_lettered = TOPOLOGY[queue]
+            # Declared, not only looked up: after a broker that lost its data comes back, the
+            # robust channel re-declares it.
+            amqp_queue = await channel.declare_queue(
+                queue, durable=True,
+                arguments=dict(_DEAD_LETTER_ARGS) if dead_lettered else None,
+            )
+            return channel, amqp_queue
+
+        return await _retrying(open_channel, self._closed, "open_channel")
+
+    async def _handle(
         self,
         queue: str,
         message: AbstractIncomingMessage,
         handler: Callable[[M], Awaitable[None]],
         accept: tuple[type[M], ...],
-        ack_early: bool,
         max_retries: int,
     ) -> None:
-        """The one place that acks, retries or dead-letters a message."""
+        """The one place that acks, retries or dead-letters a consumed message."""
         bound = log.bind(queue=queue, message_id=message.message_id, kind=message.type)
         settled = False
         try:
             try:
-                model = decode(message.body)
-                if not isinstance(model, accept):
-                    names = ", ".join(sorted(cls.__name__ for cls in accept))
-                    raise MessageError(f"kind {model.kind!r} not accepted here (accepts {names})")
+                model = _accepted(message, accept)
             except MessageError as exc:
                 settled = True
-                await self._dead_letter(message, bound, str(exc))
+                await self._dead_letter(queue, message, bound, str(exc))
                 return
-            bound = bound.bind(kind=model.kind, **_ids(model))
-            if ack_early:
-                settled = True
-                await asyncio.shield(message.ack())
-            try:
-                await handler(model)
-            except MessageError as exc:
-                if ack_early:
-                    bound.error("broker.handler_rejected", error=str(exc))
-                else:
+            bound = bound.bind(kind=getattr(model, "kind", message.type), **_ids(model))
+            backoff = Backoff()
+            while True:
+                try:
+                    await handler(model)
+                except MessageError as exc:
                     settled = True
-                    await self._dead_letter(message, bound, str(exc))
-                return
-            except Exception as exc:
-                if ack_early:
-                    # Already acked: the deadline flow recovers the run.
-                    bound.exception("broker.handler_failed", error=repr(exc))
+                    await self._dead_letter(queue, message, bound, str(exc))
                     return
-                retries = _retries_of(message)
-                if retries >= max_retries:
+                except Exception as exc:
+                    if is_outage(exc):
+                        self.last_trouble_at = time.monotonic()
+                        if _channel_closed(message):
+                            # RabbitMQ gives the message to a consumer again: let it.
+                            bound.warning("broker.redelivery_left", error=repr(exc))
+                            settled = True
+                            return
+                        delay_s = backoff.next_delay_s()
+                        if backoff.failures == 1 or backoff.failures % 10 == 0:
+                            bound.warning("broker.handler_waiting", error=repr(exc),
+                                          tries=backoff.failures, retry_in_s=round(delay_s, 1))
+                        metrics.DEPENDENCY_ERRORS.labels(_dependency_of(exc)).inc()
+                        # Cancelled while waiting: the outer handler requeues the message.
+                        await asyncio.sleep(delay_s)
+                        continue
+                    await self._count_failure(queue, message, bound, exc, max_retries)
                     settled = True
-                    reason = f"failed {retries + 1} times, last error: {exc!r}"
-                    await self._dead_letter(message, bound, reason)
                     return
-                delay_s = retry_delay_s(retries)
-                bound.warning(
-                    "broker.handler_failed", error=repr(exc), retries=retries, delay_s=delay_s
-                )
-                # Cancelled while waiting: the outer handler requeues the message.
-                await asyncio.sleep(delay_s)
-                settled = True
-                await asyncio.shield(self._republish(queue, message, bound, retries + 1))
-                return
-            if not ack_early:
-                # Shielded, as every settling call: once the handler has done its work, a
-                # cancellation arriving now must not turn the ack into a redelivery.
-                settled = True
-                await asyncio.shield(message.ack())
+                break
+            # Shielded, as every settling call: once the handler has done its work, a
+            # cancellation arriving now must not turn the ack into a redelivery.
+            settled = True
+            await asyncio.shield(message.ack())
         except asyncio.CancelledError:
             if not settled:
                 # Give the message back for another consumer; shielded so that our own
@@ -414,8 +497,26 @@ class Broker:
             # the unacked message, so logging is all there is to do.
             bound.warning("broker.settle_failed", error=repr(exc))
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, bound: Any, reason: str) -> None:
+    async def _count_failure(
+        self, queue: str, message: AbstractIncomingMessage, bound: Any, exc: Exception,
+        max_retries: int,
+    ) -> None:
+        """A failure of the work itself: republish with the count, or dead-letter at the end."""
+        retries = _retries_of(message)
+        if retries >= max_retries:
+            reason = f"failed {retries + 1} times, last error: {exc!r}"
+            await self._dead_letter(queue, message, bound, reason)
+            return
+        delay_s = retry_delay_s(retries)
+        bound.warning("broker.handler_failed", error=repr(exc), retries=retries, delay_s=delay_s)
+        await asyncio.sleep(delay_s)
+        await asyncio.shield(self._republish(queue, message, bound, retries + 1))
+
+    async def _dead_letter(
+        self, queue: str, message: AbstractIncomingMessage, bound: Any, reason: str
+    ) -> None:
         bound.warning("broker.dead_lettered", reason=reason)
+        metrics.DEAD_LETTERED.labels(queue).inc()
         await asyncio.shield(message.reject(requeue=False))
 
     async def _republish(
@@ -442,13 +543,31 @@ class Broker:
             return
         await message.ack()
 
+    # --- the worker's feed ---------------------------------------------------------------
+
+    def feed(
+        self,
+        queue: str,
+        accept: tuple[type[M], ...],
+        *,
+        capacity: int,
+        before_ack: Callable[[M], Awaitable[None]],
+    ) -> TaskFeed[M]:
+        """Work items of ``queue``, at most ``capacity`` taken at once (see the module doc)."""
+        feed: TaskFeed[M] = TaskFeed(self, queue, accept, capacity, before_ack)
+        self._feeds.add(feed)
+        return feed
+
+    # --- tools -----------------------------------------------------------------------------
+
     async def get(self, queue: str, *, timeout_s: float = 5.0) -> AnyMessageModel | None:
         """Wait up to ``timeout_s`` for one message of ``queue``, ack it and return it.
 
-        For tests and burst modes. An invalid message is dead-lettered and raises
+        For tests and tools. An invalid message is dead-lettered and raises
         :class:`MessageError`.
         """
-        channel = await self._connection.channel()
+        await self._opened.wait()
+        channel = await self._require_connection().channel()
         try:
             amqp_queue = await channel.get_queue(queue, ensure=True)
             loop = asyncio.get_running_loop()
@@ -463,7 +582,7 @@ class Broker:
             try:
                 model = decode(message.body)
             except MessageError as exc:
-                await self._dead_letter(message, log.bind(queue=queue), str(exc))
+                await self._dead_letter(queue, message, log.bind(queue=queue), str(exc))
                 raise
             await message.ack()
             return model
@@ -472,8 +591,9 @@ class Broker:
 
     async def queue_depth(self, queue: str) -> tuple[int, int]:
         """``(messages ready, consumers)`` of ``queue``, by passive declaration."""
+        await self._opened.wait()
         # A channel of its own: a passive declare of a missing queue closes the channel.
-        channel = await self._connection.channel()
+        channel = await self._require_connection().channel()
         try:
             declared = await channel.declare_queue(queue, passive=True)
             result = declared.declaration_result
@@ -484,7 +604,8 @@ class Broker:
 
     async def purge(self, queue: str) -> int:
         """Drop every ready message of ``queue`` (tests, operators); returns how many."""
-        channel = await self._connection.channel()
+        await self._opened.wait()
+        channel = await self._require_connection().channel()
         try:
             amqp_queue = await channel.get_queue(queue, ensure=True)
             result = await amqp_queue.purge()
@@ -494,8 +615,10 @@ class Broker:
                 await channel.close()
 
     async def close(self) -> None:
-        """Stop every :meth:`consume` and close the connection."""
+        """Stop every consumer and feed, and close the connection."""
         self._closed.set()
+        for feed in list(self._feeds):
+            await feed.close()
         # Let consume() loops see the flag and cancel their subscriptions while the connection
         # is still open; one stuck in a handler is cancelled after a grace period.
         consumers = {task for task in self._consumers if task is not asyncio.current_task()}
@@ -505,7 +628,149 @@ class Broker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=CLOSE_GRACE_S)
-        await self._connection.close()
+        if self._opener is not None and not self._opener.done():
+            self._opener.cancel()
+            with contextlib.suppress(BaseException):
+                await self._opener
+        if self._connection is not None:
+            await _quietly(self._connection.close())
+
+
+class TaskFeed(Generic[M]):
+    """Work items of one queue for a process that runs at most ``capacity`` at once.
+
+    :meth:`next` returns an item once ``before_ack`` has succeeded for it and it is acked: from
+    then on the caller owns it. :meth:`release` frees its slot when the work is over.
+    A message that arrives while every slot is taken (possible in the instant between a slot
+    filling and the subscription's cancellation) goes straight back to the queue.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queue: str,
+        accept: tuple[type[M], ...],
+        capacity: int,
+        before_ack: Callable[[M], Awaitable[None]],
+    ) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._accept = accept
+        self._capacity = capacity
+        self._before_ack = before_ack
+        #: Slots in use: delivered and waiting in ``_arrived``, or taken by the caller.
+        self._used = 0
+        self._arrived: asyncio.Queue[tuple[AbstractIncomingMessage, M]] = asyncio.Queue()
+        self._changed = asyncio.Event()
+        self._closed = False
+        self._manager: asyncio.Task[None] | None = None
+        self._held = metrics.UNACKED.labels(queue)
+
+    @property
+    def free(self) -> int:
+        """Slots not in use."""
+        return self._capacity - self._used
+
+    async def next(self) -> M:
+        """The next item, acked and owned by the caller; waits while none is available."""
+        if self._manager is None:
+            self._manager = asyncio.create_task(self._manage())
+        while True:
+            message, model = await self._arrived.get()
+            self._held.dec()
+            try:
+                await self._before_ack(model)
+                await asyncio.shield(message.ack())
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(message.nack(requeue=True))
+                self.release()
+                raise
+            except Exception as exc:
+                # Not announced or not acked (the broker is gone): the task stays in, or goes
+                # back to, the queue for whoever takes it next, maybe us.
+                log.warning("broker.take_failed", queue=self._queue, error=repr(exc),
+                            **_ids(model))
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+                self.release()
+                continue
+            return model
+
+    def release(self) -> None:
+        """One slot is free again."""
+        self._used = max(self._used - 1, 0)
+        self._changed.set()
+
+    async def close(self) -> None:
+        """Unsubscribe and give back every delivered item the caller has not taken."""
+        self._closed = True
+        self._changed.set()
+        if self._manager is not None:
+            self._manager.cancel()
+            with contextlib.suppress(BaseException):
+                await self._manager
+        while not self._arrived.empty():
+            message, _model = self._arrived.get_nowait()
+            self._held.dec()
+            self._used = max(self._used - 1, 0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(message.nack(requeue=True), CLOSE_GRACE_S)
+        self._broker._feeds.discard(self)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._closed or self._used >= self._capacity:
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
+        try:
+            model = _accepted(message, self._accept)
+        except MessageError as exc:
+            log.warning("broker.dead_lettered", queue=self._queue, reason=str(exc))
+            metrics.DEAD_LETTERED.labels(self._queue).inc()
+            with contextlib.suppress(Exception):
+                await message.reject(requeue=False)
+            return
+        self._used += 1
+        self._held.inc()
+        self._changed.set()
+        self._arrived.put_nowait((message, model))
+
+    async def _manage(self) -> None:
+        """Subscribed while a slot is free, unsubscribed while all are taken."""
+        broker = self._broker
+        await broker._opened.wait()
+        channel, amqp_queue = await broker._subscription_channel(self._queue, self._capacity)
+        tag: ConsumerTag | None = None
+        backoff = Backoff()
+        try:
+            while not self._closed:
+                self._changed.clear()
+                try:
+                    if tag is None and self._used < self._capacity:
+                        tag = await amqp_queue.consume(self._on_message)
+                        log.info("broker.consuming", queue=self._queue, free=self.free)
+                    elif tag is not None and self._used >= self._capacity:
+                        # Forget the tag first: a cancel that fails (the channel is down) still
+                        # keeps the robust queue from restoring the subscription.
+                        old, tag = tag, None
+                        await amqp_queue.cancel(old)
+                    backoff.reset()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("broker.subscription_failed", queue=self._queue, error=repr(exc))
+                    await backoff.wait()
+                    continue
+                await self._changed.wait()
+        finally:
+            if tag is not None:
+                await _quietly(amqp_queue.cancel(tag))
+            await _quietly(channel.close())
+
+
+#: Exchanges messages may be published to (the default exchange "" routes by queue name).
+TOPOLOGY_EXCHANGES = frozenset(exchange for exchange, _routes, _dl in TOPOLOGY.values())
 
 
 async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractExchange]:
@@ -526,6 +791,28 @@ async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractExchan
     return exchanges
 
 
+T = TypeVar("T")
+
+
+async def _retrying(
+    attempt: Callable[[], Awaitable[T]], closed: asyncio.Event, what: str
+) -> T:
+    """``attempt()`` until it succeeds; a broker that is down is waited for, not fatal."""
+    backoff = Backoff()
+    while True:
+        try:
+            return await attempt()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if closed.is_set():
+                raise
+            delay_s = backoff.next_delay_s()
+            log.warning("broker.retrying", what=what, error=repr(exc),
+                        retry_in_s=round(delay_s, 1))
+            await asyncio.sleep(delay_s)
+
+
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
@@ -543,7 +830,16 @@ async def _quietly(awaitable: Awaitable[Any]) -> None:
         log.debug("broker.cleanup_failed", error=repr(exc))
 
 
-def _ids(model: AnyMessageModel) -> dict[str, Any]:
+def _dependency_of(exc: BaseException) -> str:
+    module = type(exc).__module__
+    if module.startswith("asyncpg"):
+        return "postgresql"
+    if module.startswith(("aiormq", "aio_pika", "shared.broker")):
+        return "rabbitmq"
+    return "other"
+
+
+def _ids(model: Message) -> dict[str, Any]:
     # Bind the identifiers that exist on this kind of message, for log correlation.
     return {
         name: getattr(model, name)

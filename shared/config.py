@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -52,10 +52,35 @@ class Settings(BaseSettings):
     run_memory_bytes: int = Field(default=4 * 1024**3, gt=0)
     #: Largest total size an archive may expand to.
     max_unpacked_bytes: int = Field(default=20 * 1024**3, gt=0)
+    #: Largest download a run may take: bytes on the wire (http, ftp, each ESRI page and the
+    #: whole ESRI dump); a gzip or deflate Content-Encoding inflates within MAX_UNPACKED_BYTES.
+    max_download_bytes: int = Field(default=10 * 1024**3, gt=0)
     #: Runs one worker process works on at once.
     worker_concurrency: int = Field(default=1, ge=1, le=64)
     #: Name a worker reports in heartbeats; defaults to host name and pid.
     worker_name: str | None = None
+    #: Seconds between two heartbeats of a worker (also while a run is in progress).
+    worker_heartbeat_s: float = Field(default=15.0, gt=0)
+    #: On SIGTERM a worker stops taking tasks and lets its runs finish for this long; runs still
+    #: going are then stopped and handed back (queued again with their attempt + 1).
+    worker_grace_s: float = Field(default=90.0, ge=0)
+    #: A run whose worker sends no heartbeat for this long is presumed lost and queued again.
+    run_lease_s: float = Field(default=120.0, gt=0)
+    #: Attempts a run gets that end without a result (worker lost or run handed back).
+    run_max_attempts: int = Field(default=3, ge=1)
+    #: A run whose download failed transiently (5xx, timeout, reset) after the in-run retries is
+    #: run again after this delay, at most RUN_RETRY_MAX times, before it fails.
+    run_retry_delay_s: float = Field(default=3600.0, ge=0)
+    run_retry_max: int = Field(default=3, ge=0)
+    #: A worker is inactive after this long without a heartbeat, offline after the second; offline
+    #: workers are forgotten after the third.
+    worker_inactive_s: float = Field(default=600.0, gt=0)
+    worker_offline_s: float = Field(default=1200.0, gt=0)
+    worker_forget_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+
+    #: Port of the small HTTP server of the worker, dequeuer and scheduler (/metrics,
+    #: /health/live, /health/ready); 0 picks a free port. The webhook serves them on HTTP_PORT.
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     @field_validator("webhook_secrets", mode="before")
     @classmethod
@@ -86,6 +111,18 @@ class Settings(BaseSettings):
             raise ValueError("must be file:///some/dir or s3://bucket/prefix")
         return value
 
+    @model_validator(mode="after")
+    def _check_timing(self) -> Settings:
+        # A lease shorter than two heartbeats would expire between two beats of a healthy worker.
+        if self.run_lease_s < 2 * self.worker_heartbeat_s:
+            raise ValueError(
+                "RUN_LEASE_S must be at least twice WORKER_HEARTBEAT_S "
+                f"({self.run_lease_s:g} < 2 × {self.worker_heartbeat_s:g})"
+            )
+        if self.worker_offline_s < self.worker_inactive_s:
+            raise ValueError("WORKER_OFFLINE_S must not be shorter than WORKER_INACTIVE_S")
+        return self
+
     @property
     def demo_mode(self) -> bool:
         """No GitHub token: `oa-machine up` plays GitHub and a data provider itself."""
@@ -98,5 +135,8 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        variable = "_".join(str(part) for part in first["loc"][:1]).upper() or "?"
+        if not first["loc"]:
+            # A rule across settings (model validator): its message names the variables.
+            raise ConfigError(f"invalid settings: {first['msg']}") from exc
+        variable = "_".join(str(part) for part in first["loc"][:1]).upper()
         raise ConfigError(f"invalid setting {variable}: {first['msg']}") from exc

@@ -150,10 +150,20 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+#: Longest wait for a new connection; past it the attempt fails like a refused one.
+CONNECT_TIMEOUT_S = 10.0
+
+
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """A connection pool on ``url``; its connections encode and decode json/jsonb as Python
-    values (``json.dumps`` / ``json.loads``), so pass dicts and lists directly."""
+    values (``json.dumps`` / ``json.loads``), so pass dicts and lists directly.
+
+    With ``min_size=0`` nothing connects until the first query, so a service can start while
+    PostgreSQL is down; a query then fails with an outage (:func:`shared.outage.is_outage`)
+    until it is back, and the pool replaces connections the server dropped.
+    """
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection
+        url, min_size=min_size, max_size=max_size, init=_init_connection,
+        timeout=CONNECT_TIMEOUT_S,
     )
     return pool

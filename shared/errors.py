@@ -5,6 +5,7 @@
     ├── StorageError         object storage failed (wraps botocore / OS errors)
     │   └── NotFound         the key does not exist
     ├── GitHubError          GitHub's API answered with an error or not at all
+    │   └── NotACommit       a commit SHA is malformed; refused before any request
     ├── BrokerError          RabbitMQ refused, could not route, or is unreachable
     │   └── PublishError     (shared.broker) a publish was not confirmed
     ├── MessageError         a broker message failed validation; it is dead-lettered
@@ -34,11 +35,22 @@ class NotFound(StorageError):
 
 
 class GitHubError(OAMachineError):
-    """GitHub's API answered with an error, or not at all."""
+    """GitHub's API answered with an error, or not at all.
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    ``status`` is the HTTP status (None when GitHub did not answer); ``retry_after_s`` is
+    GitHub's ``Retry-After`` in seconds when it sent one.
+    """
+
+    def __init__(
+        self, message: str, status: int | None = None, *, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class NotACommit(GitHubError):
+    """A commit SHA is not 40 hex characters; no request was made, and none ever can succeed."""
 
 
 class BrokerError(OAMachineError):

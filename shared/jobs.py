@@ -2,7 +2,8 @@
 
 A job is final once every one of its runs is; the first process to see that (guarded by
 ``WHERE status IS NULL``) records the outcome and queues the commit status in the outbox, in
-the same transaction. :func:`send_statuses` delivers the outbox to GitHub in order.
+the same transaction. :func:`send_statuses` delivers the outbox to GitHub in order, and gives
+up on a status GitHub can never accept.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from datetime import timedelta
 import asyncpg
 
 from shared.errors import GitHubError
-from shared.github import GitHub, StatusState
+from shared.github import GitHub, StatusState, is_permanent
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -114,9 +115,12 @@ def _describe(succeeded: int, skipped: int, failed: int) -> str:
 async def send_statuses(pool: asyncpg.Pool, github: GitHub, *, limit: int = 100) -> int:
     """Post unsent statuses oldest first; returns how many were posted.
 
-    Statuses of one commit must arrive in order (``pending`` before ``success``), so the first
-    failure for a commit stops the others for that commit until the next call. A row is locked
-    while it is sent (``FOR UPDATE SKIP LOCKED``) so two senders never post it twice.
+    Statuses of one commit must arrive in order (``pending`` before ``success``), so a failure
+    worth retrying stops the later statuses of its commit until its next try, which backs off
+    (and is never before GitHub's ``Retry-After``). A status GitHub can never accept
+    (:func:`shared.github.is_permanent`) is given up instead: kept with its error, never tried
+    again, and no longer in the way of the statuses after it. A row is locked while it is sent
+    (``FOR UPDATE SKIP LOCKED``) so two senders never post it twice.
     """
     posted = 0
     blocked: set[tuple[str, str]] = set()
@@ -124,7 +128,7 @@ async def send_statuses(pool: asyncpg.Pool, github: GitHub, *, limit: int = 100)
         rows = await conn.fetch(
             """
             SELECT id, repo, sha FROM statuses
-            WHERE posted_at IS NULL AND next_try_at <= now()
+            WHERE posted_at IS NULL AND given_up_at IS NULL AND next_try_at <= now()
             ORDER BY id LIMIT $1
             """,
             limit,
@@ -135,37 +139,35 @@ async def send_statuses(pool: asyncpg.Pool, github: GitHub, *, limit: int = 100)
             continue
         async with pool.acquire() as conn, conn.transaction():
             status = await conn.fetchrow(
-                "SELECT * FROM statuses WHERE id = $1 AND posted_at IS NULL FOR UPDATE SKIP LOCKED",
+                """
+                SELECT * FROM statuses WHERE id = $1 AND posted_at IS NULL AND given_up_at IS NULL
+                FOR UPDATE SKIP LOCKED
+                """,
                 row["id"],
             )
             if status is None:
                 continue
             earlier = await conn.fetchval(
                 "SELECT 1 FROM statuses WHERE repo = $1 AND sha = $2 AND id < $3"
-                " AND posted_at IS NULL",
+                " AND posted_at IS NULL AND given_up_at IS NULL",
                 status["repo"], status["sha"], status["id"],
             )
             if earlier:
                 blocked.add(key)
                 continue
             try:
+                # A malformed sha raises NotACommit here, before any request: given up below.
                 await github.create_status(
                     status["repo"], status["sha"], status["state"],
                     description=status["description"], target_url=status["target_url"],
                     context=status["context"],
                 )
             except GitHubError as exc:
-                blocked.add(key)
-                backoff = min(timedelta(seconds=5 * 2 ** status["attempts"]), _MAX_BACKOFF)
-                await conn.execute(
-                    """
-                    UPDATE statuses SET attempts = attempts + 1, last_error = $2,
-                           next_try_at = now() + $3::interval
-                    WHERE id = $1
-                    """,
-                    status["id"], str(exc)[:1000], backoff,
-                )
-                log.warning("status.failed", status_id=status["id"], error=str(exc))
+                if is_permanent(exc):
+                    await _give_up(conn, status, exc)
+                else:
+                    blocked.add(key)
+                    await _try_later(conn, status, exc)
                 continue
             await conn.execute(
                 "UPDATE statuses SET posted_at = now(), attempts = attempts + 1 WHERE id = $1",
@@ -175,3 +177,42 @@ async def send_statuses(pool: asyncpg.Pool, github: GitHub, *, limit: int = 100)
             log.info("status.posted", repo=status["repo"], sha=status["sha"],
                      state=status["state"], job_id=status["job_id"])
     return posted
+
+
+def retry_delay(attempts: int, retry_after_s: float | None) -> timedelta:
+    """How long a status that has failed ``attempts`` times (this one included) waits.
+
+    5 s doubling per attempt up to :data:`_MAX_BACKOFF`, and never less than GitHub's
+    ``Retry-After``.
+    """
+    # The exponent is capped before the power: 5 * 2**44 s no longer fits in a timedelta.
+    backoff = min(timedelta(seconds=5 * 2 ** min(attempts - 1, 20)), _MAX_BACKOFF)
+    if retry_after_s is None:
+        return backoff
+    return max(backoff, timedelta(seconds=retry_after_s))
+
+
+async def _try_later(conn: asyncpg.Connection, status: asyncpg.Record, exc: GitHubError) -> None:
+    delay = retry_delay(status["attempts"] + 1, exc.retry_after_s)
+    await conn.execute(
+        """
+        UPDATE statuses SET attempts = attempts + 1, last_error = $2,
+               next_try_at = now() + $3::interval
+        WHERE id = $1
+        """,
+        status["id"], str(exc)[:1000], delay,
+    )
+    log.warning("status.failed", status_id=status["id"], error=str(exc),
+                retry_in_s=delay.total_seconds())
+
+
+async def _give_up(conn: asyncpg.Connection, status: asyncpg.Record, exc: GitHubError) -> None:
+    await conn.execute(
+        """
+        UPDATE statuses SET given_up_at = now(), attempts = attempts + 1, last_error = $2
+        WHERE id = $1
+        """,
+        status["id"], str(exc)[:1000],
+    )
+    log.error("status.given_up", status_id=status["id"], repo=status["repo"],
+              sha=status["sha"], error=str(exc))

@@ -32,6 +32,7 @@ ROUTE_TASK = "task"
 ROUTE_DONE = "done"
 ROUTE_DUE = "due"
 ROUTE_HEARTBEAT = "heartbeat"
+ROUTE_RETURNED = "returned"
 ROUTE_DEAD = "dead"
 
 Layer = Literal["addresses", "parcels", "buildings", "centerlines"]
@@ -51,6 +52,7 @@ SourceProblem = Literal[
     "test_failed",
     "timeout",
     "out_of_memory",
+    "worker_lost",
 ]
 
 
@@ -123,6 +125,9 @@ class Done(Message):
     state: dict[str, Any] = Field(default_factory=dict)
     started_at: datetime | None = None
     finished_at: datetime = Field(default_factory=utcnow)
+    #: The failure was transient (the data server answered 5xx, timed out or reset the
+    #: connection after the in-run retries): the dequeuer may run the whole run again later.
+    retryable: bool = False
 
 
 class Due(Message):
@@ -148,5 +153,19 @@ class Heartbeat(Message):
     state: Literal["idle", "running", "stopping"] = "idle"
 
 
-AnyMessage = Annotated[Task | Done | Due | Heartbeat, Field(discriminator="kind")]
-ANY_MESSAGE: TypeAdapter[Task | Done | Due | Heartbeat] = TypeAdapter(AnyMessage)
+class Returned(Message):
+    """A worker gives a run back unfinished (it was asked to stop and the grace period ran out).
+
+    The dequeuer queues the run again with ``attempt + 1``, or fails it once it has used up its
+    attempts. A ``returned`` for an attempt that is no longer current changes nothing.
+    """
+
+    kind: Literal["returned"] = "returned"
+    run_id: int
+    attempt: int = Field(ge=1)
+    worker: str
+    reason: str
+
+
+AnyMessage = Annotated[Task | Done | Due | Heartbeat | Returned, Field(discriminator="kind")]
+ANY_MESSAGE: TypeAdapter[Task | Done | Due | Heartbeat | Returned] = TypeAdapter(AnyMessage)

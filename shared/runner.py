@@ -33,20 +33,35 @@ def start(service: str, run: Callable[[Settings], None]) -> None:
         pass
 
 
-def run_service(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` until it returns or SIGINT/SIGTERM arrives, then cancel it cleanly.
+def run_service(main: Coroutine[Any, Any, None], *, stop: Callable[[], bool] | None = None) -> None:
+    """Run ``main`` until it returns or SIGINT/SIGTERM arrives.
 
-    Cancelling (rather than exiting) lets ``finally`` blocks close connections and lets a
-    worker hand back its run.
+    Without ``stop`` the first signal cancels ``main`` (its ``finally`` blocks close
+    connections). With ``stop``, the first signal calls it instead, so the service can wind
+    down in its own time (the worker lets its runs finish, then hands back what is left), and a
+    second signal cancels ``main``; ``stop`` returning False means "cancel now" all the same.
     """
-    asyncio.run(_until_signal(main))
+    asyncio.run(_until_signal(main, stop))
 
 
-async def _until_signal(main: Coroutine[Any, Any, None]) -> None:
+async def _until_signal(
+    main: Coroutine[Any, Any, None], stop: Callable[[], bool] | None
+) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(main)
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if stop is not None and signals == 1:
+            log.info("service.stopping", signal=signal.Signals(signum).name)
+            if stop():
+                return
+        task.cancel()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -91,7 +91,7 @@ def parse_source(data: bytes | str, *, path: str = "<source>") -> dict[str, Any]
     """Parse a source file's text into a dict.
 
     Raises :class:`SourceError` if the text is not UTF-8, not JSON (the message gives line and
-    column), or not a JSON object.
+    column), nested too deeply for the parser, or not a JSON object.
     """
     if isinstance(data, bytes):
         try:
@@ -112,11 +112,22 @@ def parse_source(data: bytes | str, *, path: str = "<source>") -> dict[str, Any]
         ) from exc
     except ValueError as exc:  # from _reject_constant
         raise SourceError(f"{path}: invalid JSON: {exc}", "invalid_source") from exc
+    except RecursionError as exc:
+        raise _too_deep(path) from exc
     if not isinstance(parsed, dict):
         raise SourceError(
             f"{path}: a source must be a JSON object, not {_json_type(parsed)}", "invalid_source"
         )
     return parsed
+
+
+def _too_deep(path: str) -> SourceError:
+    # Python's json (and copy, and jsonschema) recurse once per level, so a file nested
+    # thousands deep would otherwise end the caller with a RecursionError.
+    return SourceError(
+        f"{path}: invalid JSON: arrays or objects are nested too deeply to read",
+        "invalid_source",
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -184,9 +195,14 @@ def validate_source(source: Mapping[str, Any], *, path: str = "<source>") -> Non
     Formats (``uri``, ``email``) are not checked, as upstream's own validation does not
     reject sources for them.
     """
-    error = best_match(_validator().iter_errors(source))
-    if error is not None:
-        raise SourceError(f"{path}: {_describe(error)}", _problem_of(error))
+    try:
+        error = best_match(_validator().iter_errors(source))
+        # The message shows the offending value, which is as deep as the document.
+        message = f"{path}: {_describe(error)}" if error is not None else None
+    except RecursionError as exc:
+        raise _too_deep(path) from exc
+    if error is not None and message is not None:
+        raise SourceError(message, _problem_of(error))
     # The schema only says `schema` is a number; everything downstream assumes v2.
     if source.get("schema") != 2:
         raise SourceError(
@@ -258,7 +274,12 @@ def _schema_files(node: Traversable, prefix: str) -> Iterator[tuple[str, Travers
 
 def load_source(data: bytes | str, *, path: str = "<source>") -> dict[str, Any]:
     """Parse, upgrade to v2 and validate a source file: what callers normally want."""
-    source = upgrade_source(parse_source(data, path=path))
+    parsed = parse_source(data, path=path)
+    try:
+        # A file just shallow enough for the parser can still be too deep to copy.
+        source = upgrade_source(parsed)
+    except RecursionError as exc:
+        raise _too_deep(path) from exc
     validate_source(source, path=path)
     return source
 

@@ -199,4 +199,6 @@ def settings(database_url: str, amqp_url: str, tmp_path: Path) -> Settings:
         github_token=None,
         allow_private_urls=True,
         work_dir=tmp_path / "work",
+        # A free port each: tests run beside `make run` and beside each other.
+        metrics_port=0,
     )

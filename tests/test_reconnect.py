@@ -50,8 +50,8 @@ async def _open_run(pool: asyncpg.Pool) -> int:
         "INSERT INTO jobs (delivery_id, event, repo, sha, ref) VALUES"
         " ('r-1', 'push', 'o/r', $1, 'refs/heads/main') RETURNING id", "b" * 40)
     run_id: int = await pool.fetchval(
-        "INSERT INTO runs (job_id, source_path, layer, entry_name, commit_sha) VALUES"
-        " ($1, 'sources/a.json', 'addresses', 'x', $2) RETURNING id", job_id, "b" * 40)
+        "INSERT INTO runs (job_id, source_path, layer, entry_name, commit_sha, queued_at) VALUES"
+        " ($1, 'sources/a.json', 'addresses', 'x', $2, now()) RETURNING id", job_id, "b" * 40)
     return run_id
 
 

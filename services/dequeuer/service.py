@@ -1,18 +1,35 @@
-"""The dequeuer: consumes `done` (results and heartbeats) and `due`, finishes jobs, and sends
-the commit-status outbox to GitHub.
+"""The dequeuer: settles runs from `done` (results, heartbeats, hand-backs) and `due`, finishes
+jobs, sends the commit-status outbox, gives lost work back, and watches workers and queues.
+
+Its chores run every :data:`TICK` (sooner when a handler asks): statuses to GitHub, `due` for
+runs past their deadline, expired leases and vanished tasks (``recovery.py``), the dispatcher for
+unqueued runs (``shared/dispatch.py``), worker states and gauges (``watch.py``). Every chore is
+guarded in SQL, so any number of dequeuers may run side by side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from datetime import timedelta
 
 import asyncpg
+from aiohttp import web
 
-from services.dequeuer.settle import TICK, overdue_runs, record_heartbeat, settle_done, settle_due
+from services.dequeuer.recovery import Rules, expire_leases, sweep_unseen
+from services.dequeuer.settle import (
+    overdue_runs,
+    record_heartbeat,
+    record_returned,
+    settle_done,
+    settle_due,
+)
+from services.dequeuer.watch import count_runs, refresh_gauges, update_worker_states
 from shared.broker import Broker
 from shared.config import Settings
 from shared.db import create_pool
+from shared.dispatch import BATCH, dispatch
 from shared.errors import MessageError
 from shared.github import GitHub
 from shared.jobs import send_statuses
@@ -21,14 +38,25 @@ from shared.messages import (
     EXCHANGE_DUE,
     QUEUE_DONE,
     QUEUE_DUE,
+    QUEUE_TASKS,
     ROUTE_DUE,
     Done,
     Due,
     Heartbeat,
     Message,
+    Returned,
 )
+from shared.outage import is_outage
+from shared.probes import ProbeServer, broker_check, database_check
 
 log = get_logger(__name__)
+
+#: How often the chores run when nothing wakes them sooner.
+TICK = timedelta(seconds=10)
+#: Rounds of dispatching per tick (each up to shared.dispatch.BATCH runs).
+DISPATCH_ROUNDS = 10
+#: Messages the dequeuer handles at once (per queue).
+PREFETCH = 16
 
 
 class Dequeuer:
@@ -36,47 +64,110 @@ class Dequeuer:
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, broker: Broker, github: GitHub):
         self.settings = settings
+        self.rules = Rules.of(settings)
         self.pool = pool
         self.broker = broker
         self.github = github
         self._wake = asyncio.Event()
+        #: Last outage this process saw in its own chores (monotonic clock).
+        self._last_trouble_at = time.monotonic()
 
     async def on_done(self, message: Message) -> None:
-        """Handle one message from the `done` queue: a result or a heartbeat."""
+        """Handle one message from the `done` queue: a result, a heartbeat or a hand-back."""
         if isinstance(message, Heartbeat):
-            await record_heartbeat(self.pool, message)
-        elif not isinstance(message, Done):  # the broker only passes accepted kinds
+            await record_heartbeat(self.pool, message, self.rules)
+        elif isinstance(message, Returned):
+            if await record_returned(self.pool, message, self.rules):
+                self._wake.set()  # queue it again (or send the job's status) now
+        elif isinstance(message, Done):
+            outcome = await settle_done(self.pool, message, self.rules)
+            if outcome.job_finished:
+                self._wake.set()
+        else:  # the broker only passes accepted kinds
             raise MessageError(f"unexpected {type(message).__name__} on the done queue")
-        elif await settle_done(self.pool, message, self.settings.public_base_url):
-            self._wake.set()
 
     async def on_due(self, message: Due) -> None:
         """Handle one message from the `due` queue."""
         if await settle_due(self.pool, message, self.settings.public_base_url):
             self._wake.set()
 
+    def recovery_allowed(self) -> bool:
+        """Whether runs may be presumed lost now: no outage seen for a whole lease.
+
+        After an outage, heartbeats that were held up (in the `done` queue, or in workers that
+        could not publish) need up to a lease to arrive; presuming their runs lost before that
+        would run them twice.
+        """
+        quiet_since = max(self._last_trouble_at, self.broker.last_trouble_at)
+        return time.monotonic() - quiet_since >= self.settings.run_lease_s
+
     async def tick(self) -> None:
-        """Send pending statuses and publish `due` for overdue runs."""
+        """One round of every chore."""
         await send_statuses(self.pool, self.github)
         for due in await overdue_runs(self.pool):
             await self.broker.publish(EXCHANGE_DUE, ROUTE_DUE, due)
-
-    async def run(self) -> None:
-        """Consume both queues and tick until cancelled."""
-        async with asyncio.TaskGroup() as group:
-            group.create_task(
-                self.broker.consume(QUEUE_DONE, self.on_done, accept=(Done, Heartbeat))
+        await self._recover()
+        for _ in range(DISPATCH_ROUNDS):
+            result = await dispatch(
+                self.pool, self.broker, run_timeout_s=self.settings.run_timeout_s,
+                public_base_url=self.settings.public_base_url, limit=BATCH,
             )
-            group.create_task(self.broker.consume(QUEUE_DUE, self.on_due, accept=(Due,)))
-            group.create_task(self._chores())
+            if result.queued + result.failed < BATCH or result.left:
+                break
+        await update_worker_states(self.pool, self.settings)
+        await refresh_gauges(self.pool, self.broker)
+
+    async def _recover(self) -> None:
+        if not self.recovery_allowed():
+            return
+        # Heartbeats still waiting in `done` may renew leases about to be expired: only go on
+        # when the backlog is no more than what the consumers hold.
+        backlog, _consumers = await self.broker.queue_depth(QUEUE_DONE)
+        if backlog > PREFETCH:
+            log.info("dequeuer.recovery_deferred", done_backlog=backlog)
+            return
+        if await expire_leases(self.pool, self.rules):
+            self._wake.set()
+        seen_at = await self.pool.fetchval("SELECT now()")
+        ready, _consumers = await self.broker.queue_depth(QUEUE_TASKS)
+        if ready == 0:
+            await sweep_unseen(self.pool, self.rules, seen_empty_at=seen_at)
+
+    async def run(self, *, probes: bool = True) -> None:
+        """Consume both queues, serve probes and tick until cancelled."""
+        async with contextlib.AsyncExitStack() as stack:
+            if probes:
+                server = ProbeServer(
+                    self.settings.http_host, self.settings.metrics_port,
+                    {"database": database_check(self.pool), "broker": broker_check(self.broker)},
+                    routes={"/scaling": self.scaling_view},
+                )
+                await stack.enter_async_context(server)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.broker.consume(
+                    QUEUE_DONE, self.on_done, accept=(Done, Heartbeat, Returned)))
+                group.create_task(self.broker.consume(QUEUE_DUE, self.on_due, accept=(Due,)))
+                group.create_task(self._chores())
+
+    async def scaling_view(self, request: web.Request) -> web.Response:
+        """What KEDA's metrics-api trigger reads: runs queued or running, as JSON."""
+        runs = await count_runs(self.pool)
+        return web.json_response({
+            "runs_in_flight": runs.in_flight, "queued": runs.queued, "running": runs.running,
+            "unqueued": runs.unqueued, "retrying": runs.retrying,
+        })
 
     async def _chores(self) -> None:
         log.info("dequeuer.started")
         while True:
             try:
                 await self.tick()
-            except Exception:  # a failed chore must not stop consumption; it runs again soon
-                log.exception("dequeuer.tick_failed")
+            except Exception as exc:  # a failed chore must not stop consumption; it runs again
+                if is_outage(exc):
+                    self._last_trouble_at = time.monotonic()
+                    log.warning("dequeuer.tick_waiting", error=repr(exc))
+                else:
+                    log.exception("dequeuer.tick_failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 # A settled job wakes the loop early so its status goes out at once.
@@ -84,9 +175,14 @@ class Dequeuer:
 
 
 async def serve(settings: Settings) -> None:
-    """Open connections and run the dequeuer until cancelled."""
-    pool = await create_pool(settings.database_url)
-    broker = await Broker.connect(settings.amqp_url, prefetch=16)
+    """Open connections and run the dequeuer until cancelled.
+
+    Starts while PostgreSQL or RabbitMQ is down and waits for them: the pool connects on first
+    use and the broker in the background.
+    """
+    pool = await create_pool(settings.database_url, min_size=0)
+    broker = Broker(settings.amqp_url, prefetch=PREFETCH)
+    broker.start()
     token = settings.github_token.get_secret_value() if settings.github_token else None
     github = GitHub.open(settings.github_api_url, token)
     try:

@@ -1,46 +1,108 @@
-"""Settling runs from `done`, heartbeats and `due` messages, guarded in SQL.
+"""Settling runs from `done`, `returned`, heartbeats and `due` messages, guarded in SQL.
 
-Whichever of `done` and `due` reaches a run first wins: both update only ``WHERE status IS
-NULL``, so a duplicate or late message changes nothing.
+Every update names the run *and its current attempt*: ``WHERE id = $1 AND status IS NULL AND
+attempt = $2``. So a duplicate message, a `done` that lost the race with `due`, and a late
+message from a worker whose attempt was superseded (it was presumed lost, or handed the run
+back, and the run went to another worker) all change nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
 
+from services.dequeuer.recovery import Rules, release
+from shared import metrics
 from shared.jobs import settle_job
 from shared.logging import get_logger
-from shared.messages import Done, Due, Heartbeat
+from shared.messages import Done, Due, Heartbeat, Returned
 
 log = get_logger(__name__)
 
+__all__ = ["Outcome", "Rules", "overdue_runs", "record_heartbeat", "record_returned",
+           "settle_done", "settle_due"]
 
-async def settle_done(pool: asyncpg.Pool, done: Done, public_base_url: str) -> bool:
-    """Record a run's outcome once; returns False when the run was already final."""
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a `done` did: ``settled`` (final), ``retry`` (run again later) or ``ignored``."""
+
+    action: str
+    job_finished: bool = False
+
+    def __bool__(self) -> bool:
+        return self.action != "ignored"
+
+
+async def settle_done(pool: asyncpg.Pool, done: Done, rules: Rules) -> Outcome:
+    """Record a run's result once, or schedule the whole run again after a transient failure."""
     async with pool.acquire() as conn, conn.transaction():
-        job_id = await conn.fetchrow(
+        if done.status == "failure" and done.retryable:
+            retry = await conn.fetchrow(
+                """
+                UPDATE runs SET retries = retries + 1, attempt = attempt + 1,
+                       retry_at = now() + $3::interval, queued_at = NULL, lease_until = NULL,
+                       deadline_at = NULL, started_at = NULL, unseen_since = NULL,
+                       worker = $4, error = $5, outputs = $6, state = $7
+                WHERE id = $1 AND status IS NULL AND attempt = $2 AND retries < $8
+                RETURNING job_id, retries, retry_at
+                """,
+                done.run_id, done.attempt, timedelta(seconds=rules.run_retry_delay_s),
+                done.worker, f"will be tried again: {done.error}", done.outputs, done.state,
+                rules.run_retry_max,
+            )
+            if retry is not None:
+                metrics.RUNS_REQUEUED.labels("retry").inc()
+                log.warning("run.retry_scheduled", run_id=done.run_id, job_id=retry["job_id"],
+                            retries=retry["retries"], retry_at=retry["retry_at"].isoformat(),
+                            error=done.error)
+                return Outcome("retry")
+        row = await conn.fetchrow(
             """
-            UPDATE runs SET status = $2, source_problem = $3, error = $4, outputs = $5,
-                   state = $6, worker = $7, attempt = greatest(attempt, $8),
+            UPDATE runs SET status = $3, source_problem = $4,
+                   error = CASE WHEN retries > 0 AND $3 = 'failure'
+                                THEN $5 || ' (the whole run was tried ' || (retries + 1)
+                                     || ' times)'
+                                ELSE $5 END,
+                   outputs = $6, state = $7, worker = $8,
                    started_at = coalesce(started_at, $9, $10), finished_at = $10,
-                   fingerprint = $6::jsonb ->> 'fingerprint', etag = $6::jsonb ->> 'etag',
-                   last_modified = $6::jsonb ->> 'last modified'
-            WHERE id = $1 AND status IS NULL
-            RETURNING job_id
+                   lease_until = NULL, retry_at = NULL, unseen_since = NULL,
+                   fingerprint = $7::jsonb ->> 'fingerprint', etag = $7::jsonb ->> 'etag',
+                   last_modified = $7::jsonb ->> 'last modified'
+            WHERE id = $1 AND status IS NULL AND attempt = $2
+            RETURNING job_id, started_at, finished_at
             """,
-            done.run_id, done.status, done.source_problem, done.error, done.outputs,
-            done.state, done.worker, done.attempt, done.started_at, done.finished_at,
+            done.run_id, done.attempt, done.status, done.source_problem, done.error,
+            done.outputs, done.state, done.worker, done.started_at, done.finished_at,
         )
-        if job_id is None:
-            log.info("run.duplicate_done", run_id=done.run_id, status=done.status)
-            return False
-        log.info("run.finished", run_id=done.run_id, job_id=job_id["job_id"], status=done.status,
-                 problem=done.source_problem)
-        if job_id["job_id"] is not None:
-            await settle_job(conn, job_id["job_id"], public_base_url)
-    return True
+        if row is None:
+            await _explain_ignored(conn, done.run_id, done.attempt, "done", done.status)
+            return Outcome("ignored")
+        log.info("run.finished", run_id=done.run_id, job_id=row["job_id"], status=done.status,
+                 problem=done.source_problem, attempt=done.attempt)
+        job_finished = False
+        if row["job_id"] is not None:
+            job_finished = await settle_job(conn, row["job_id"], rules.public_base_url) is not None
+    metrics.RUNS_SETTLED.labels(done.status, done.source_problem or "").inc()
+    elapsed = (row["finished_at"] - row["started_at"]).total_seconds()
+    metrics.RUN_DURATION.labels(done.status).observe(max(elapsed, 0.0))
+    return Outcome("settled", job_finished)
+
+
+async def _explain_ignored(
+    conn: asyncpg.Connection, run_id: int, attempt: int, kind: str, detail: str | None
+) -> None:
+    current = await conn.fetchrow("SELECT status, attempt FROM runs WHERE id = $1", run_id)
+    if current is None:
+        log.warning(f"run.{kind}_for_unknown_run", run_id=run_id, attempt=attempt)
+    elif current["status"] is not None:
+        log.info(f"run.duplicate_{kind}", run_id=run_id, attempt=attempt, detail=detail,
+                 final=current["status"])
+    else:
+        log.info(f"run.superseded_{kind}", run_id=run_id, attempt=attempt, detail=detail,
+                 current_attempt=current["attempt"])
 
 
 async def settle_due(pool: asyncpg.Pool, due: Due, public_base_url: str) -> bool:
@@ -49,29 +111,48 @@ async def settle_due(pool: asyncpg.Pool, due: Due, public_base_url: str) -> bool
         row = await conn.fetchrow(
             """
             UPDATE runs SET status = 'failure', source_problem = 'timeout', finished_at = now(),
+                   lease_until = NULL,
                    error = 'no result from the worker before the deadline ' || deadline_at::text
-            WHERE id = $1 AND status IS NULL AND deadline_at <= now()
+            WHERE id = $1 AND status IS NULL AND attempt = $2 AND deadline_at <= now()
             RETURNING job_id
             """,
-            due.run_id,
+            due.run_id, due.attempt,
         )
         if row is None:
             return False
         log.warning("run.timed_out", run_id=due.run_id, job_id=row["job_id"])
         if row["job_id"] is not None:
             await settle_job(conn, row["job_id"], public_base_url)
+    metrics.RUNS_SETTLED.labels("failure", "timeout").inc()
     return True
 
 
-async def record_heartbeat(pool: asyncpg.Pool, beat: Heartbeat) -> None:
-    """Upsert the worker; the first heartbeat naming a run marks it started with its deadline."""
+async def record_returned(pool: asyncpg.Pool, returned: Returned, rules: Rules) -> bool:
+    """A worker handed a run back: queue it again, or fail it once its attempts are used up."""
+    async with pool.acquire() as conn, conn.transaction():
+        action = await release(
+            conn, returned.run_id, returned.attempt, reason="returned",
+            detail=f"worker {returned.worker} handed it back ({returned.reason})", rules=rules,
+        )
+        if action is None:
+            await _explain_ignored(conn, returned.run_id, returned.attempt, "returned", None)
+    return action is not None
+
+
+async def record_heartbeat(pool: asyncpg.Pool, beat: Heartbeat, rules: Rules) -> None:
+    """Upsert the worker; a beat naming the current attempt of an open run renews its lease.
+
+    The first beat of an attempt (sent before the worker acknowledges the task) also marks the
+    run started and sets its deadline.
+    """
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             """
-            INSERT INTO workers (name, hostname, pid, state, run_id, started_at, last_seen_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $6)
+            INSERT INTO workers (name, hostname, pid, state, run_id, started_at, last_seen_at,
+                                 status)
+            VALUES ($1, $2, $3, $4, $5, $6, $6, 'active')
             ON CONFLICT (name) DO UPDATE SET hostname = $2, pid = $3, state = $4, run_id = $5,
-                   last_seen_at = greatest(workers.last_seen_at, $6)
+                   last_seen_at = greatest(workers.last_seen_at, $6), status = 'active'
             """,
             beat.worker, beat.hostname, beat.pid, beat.state, beat.run_id, beat.sent_at,
         )
@@ -79,10 +160,13 @@ async def record_heartbeat(pool: asyncpg.Pool, beat: Heartbeat) -> None:
             await conn.execute(
                 """
                 UPDATE runs SET worker = $2, started_at = coalesce(started_at, $3),
-                       deadline_at = coalesce($4, deadline_at)
-                WHERE id = $1 AND status IS NULL
+                       deadline_at = coalesce($4, deadline_at),
+                       lease_until = greatest(lease_until, now() + $6::interval),
+                       unseen_since = NULL
+                WHERE id = $1 AND status IS NULL AND attempt = $5
                 """,
-                beat.run_id, beat.worker, beat.sent_at, beat.deadline_at,
+                beat.run_id, beat.worker, beat.sent_at, beat.deadline_at, beat.attempt or 1,
+                timedelta(seconds=rules.run_lease_s),
             )
 
 
@@ -96,7 +180,3 @@ async def overdue_runs(pool: asyncpg.Pool, *, limit: int = 500) -> list[Due]:
         limit,
     )
     return [Due(run_id=r["id"], attempt=r["attempt"], deadline_at=r["deadline_at"]) for r in rows]
-
-
-#: How often the dequeuer sends statuses and looks for overdue runs.
-TICK = timedelta(seconds=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -9,21 +10,30 @@ import jinja2
 from aiohttp import web
 
 from services.webhook import routes
-from services.webhook.keys import BROKER, GITHUB, POOL, SETTINGS, STORAGE, TEMPLATES
+from services.webhook.keys import (
+    BODY_SLOTS,
+    BROKER,
+    GITHUB,
+    POOL,
+    SETTINGS,
+    STORAGE,
+    TEMPLATES,
+)
 from shared.broker import Broker
 from shared.config import Settings
 from shared.db import create_pool
 from shared.github import GitHub
+from shared.probes import add_probe_routes, broker_check, database_check
 from shared.storage import open_storage
-
-#: GitHub caps webhook payloads at 25 MB.
-MAX_BODY_BYTES = 25 * 1024 * 1024 + 1024
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the application; resources open on start-up and close on clean-up."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[routes.error_pages])
+    app = web.Application(
+        client_max_size=routes.MAX_BODY_BYTES, middlewares=[routes.error_pages]
+    )
     app[SETTINGS] = settings
+    app[BODY_SLOTS] = asyncio.Semaphore(routes.BODY_READS)
     app[TEMPLATES] = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
         autoescape=True,
@@ -31,21 +41,36 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.cleanup_ctx.extend([_database, _broker, _github, _storage])
     routes.add_routes(app)
+
+    # The resources exist only once the app has started: the checks look them up when run.
+    async def database_ready() -> None:
+        await database_check(app[POOL])()
+
+    async def broker_ready() -> None:
+        await broker_check(app[BROKER])()
+
+    add_probe_routes(app, {"database": database_ready, "broker": broker_ready})
     return app
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
-    pool = await create_pool(app[SETTINGS].database_url)
+    # min_size=0: the service starts and answers (503 where it needs the database) while
+    # PostgreSQL is down, and the pool connects once it is back.
+    pool = await create_pool(app[SETTINGS].database_url, min_size=0)
     app[POOL] = pool
     yield
     await pool.close()
 
 
 async def _broker(app: web.Application) -> AsyncIterator[None]:
-    broker = await Broker.connect(app[SETTINGS].amqp_url)
+    # Connects in the background: runs the broker does not take stay unqueued meanwhile and
+    # the dequeuer queues them later (shared/dispatch.py).
+    broker = Broker(app[SETTINGS].amqp_url)
+    broker.start()
     app[BROKER] = broker
     yield
     await broker.close()
+
 
 
 async def _github(app: web.Application) -> AsyncIterator[None]:

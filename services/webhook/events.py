@@ -11,6 +11,8 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.github import SHA_PATTERN
+
 ZERO_SHA: Final = "0" * 40
 SOURCE_PATTERN: Final = "sources/*.json"
 
@@ -34,8 +36,10 @@ class PushEvent(_Lenient):
     """A ``push`` delivery."""
 
     ref: str
-    before: str
-    after: str
+    # Full SHAs only: ``after`` goes into GitHub URLs and the status outbox, and a push with
+    # anything else is not GitHub's, so it is refused with a 400 naming the field.
+    before: str = Field(pattern=SHA_PATTERN)
+    after: str = Field(pattern=SHA_PATTERN)
     deleted: bool = False
     repository: Repository
     commits: list[Commit] = Field(default_factory=list)

@@ -4,7 +4,8 @@ Order matters for the commit status: the job, its runs and the ``pending`` statu
 in one transaction, the status is sent, and only then are tasks published, so a fast worker can
 never make ``success`` arrive before ``pending``. A redelivered event finds its job by
 ``X-GitHub-Delivery`` and only re-publishes runs that were never queued, which also finishes an
-intake that died half-way.
+intake that died half-way. Runs the broker does not take (it is down) stay unqueued and the
+dequeuer's sweep queues them once it is back (:mod:`shared.dispatch`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import asyncpg
 from services.webhook.events import PushEvent
 from shared.broker import Broker
 from shared.config import Settings
+from shared.dispatch import dispatch
 from shared.errors import GitHubError, SourceError
 from shared.github import GitHub
 from shared.jobs import job_url, queue_status, send_statuses, settle_job
 from shared.logging import get_logger
-from shared.messages import EXCHANGE_TASKS, ROUTE_TASK, PreviousRun, Task
-from shared.sources import entry_timeout_s, get_entry, list_entries, load_source
+from shared.sources import list_entries, load_source
 
 log = get_logger(__name__)
 
@@ -60,7 +61,7 @@ async def take_push(
     """Create (or, for a redelivery, complete) the job for one push delivery."""
     existing = await pool.fetchval("SELECT id FROM jobs WHERE delivery_id = $1", delivery_id)
     if existing is not None:
-        queued = await publish_unqueued(pool, broker, existing, settings)
+        queued = await queue_job_runs(pool, broker, existing, settings)
         log.info("job.redelivered", job_id=existing, delivery=delivery_id, requeued=queued)
         return IntakeResult(existing, queued, duplicate=True)
 
@@ -94,7 +95,7 @@ async def take_push(
         await settle_job(conn, job_id, settings.public_base_url)
     log.info("job.created", job_id=job_id, repo=repo, sha=sha, runs=runs, delivery=delivery_id)
     await send_statuses(pool, github)
-    await publish_unqueued(pool, broker, job_id, settings)
+    await queue_job_runs(pool, broker, job_id, settings)
     return IntakeResult(job_id, runs)
 
 
@@ -168,61 +169,13 @@ async def insert_runs(
     return count
 
 
-async def publish_unqueued(
+async def queue_job_runs(
     pool: asyncpg.Pool, broker: Broker, job_id: int, settings: Settings
 ) -> int:
-    """Publish a task for every open run of the job not yet queued; returns how many."""
-    rows = await pool.fetch(
-        """
-        SELECT id, source_path, layer, entry_name, commit_sha, source, attempt
-        FROM runs WHERE job_id = $1 AND status IS NULL AND queued_at IS NULL ORDER BY id
-        """,
-        job_id,
+    """Queue the job's unqueued runs now; what the broker does not take, the dequeuer's sweep
+    queues once it is back. Returns how many were queued."""
+    result = await dispatch(
+        pool, broker, run_timeout_s=settings.run_timeout_s,
+        public_base_url=settings.public_base_url, job_id=job_id, limit=10_000,
     )
-    for row in rows:
-        entry = get_entry(row["source"], row["layer"], row["entry_name"])
-        timeout_s = entry_timeout_s(entry, settings.run_timeout_s)
-        task = Task(
-            run_id=row["id"], job_id=job_id, attempt=row["attempt"],
-            source_path=row["source_path"], layer=row["layer"], entry_name=row["entry_name"],
-            commit_sha=row["commit_sha"], source=row["source"], timeout_s=timeout_s,
-            previous=await previous_run(pool, row["source_path"], row["layer"], entry),
-        )
-        await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, task)
-        # The deadline starts when a worker takes the run (its first heartbeat), not here:
-        # a task may wait in the queue for hours behind a weekly batch.
-        await pool.execute("UPDATE runs SET queued_at = now() WHERE id = $1", row["id"])
-        log.info("run.queued", run_id=row["id"], job_id=job_id, source=row["source_path"],
-                 layer=row["layer"], entry=row["entry_name"])
-    return len(rows)
-
-
-async def previous_run(
-    pool: asyncpg.Pool, source_path: str, layer: str, entry: dict[str, Any]
-) -> PreviousRun | None:
-    """The latest successful run of this entry if the entry is unchanged since, else None.
-
-    Only an identical entry qualifies: a changed conform must be re-run even on the same data.
-    """
-    row = await pool.fetchrow(
-        """
-        SELECT id, source, entry_name, outputs, state, fingerprint, etag, last_modified
-        FROM runs
-        WHERE source_path = $1 AND layer = $2 AND entry_name = $3 AND status = 'success'
-        ORDER BY finished_at DESC LIMIT 1
-        """,
-        source_path, layer, entry["name"],
-    )
-    if row is None or row["source"] is None:
-        return None
-    try:
-        earlier = get_entry(row["source"], layer, row["entry_name"])
-    except SourceError:
-        return None
-    if earlier != entry:
-        return None
-    return PreviousRun(
-        run_id=row["id"], fingerprint=row["fingerprint"], etag=row["etag"],
-        last_modified=row["last_modified"], outputs=row["outputs"], state=row["state"],
-    )
-
+    return result.queued

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import jinja2
 from aiohttp import web
@@ -17,3 +19,5 @@ BROKER = web.AppKey("broker", Broker)
 GITHUB = web.AppKey("github", GitHub)
 STORAGE = web.AppKey("storage", Storage)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
+#: Slots for reading request bodies whose signature is not checked yet.
+BODY_SLOTS = web.AppKey("body_slots", asyncio.Semaphore)

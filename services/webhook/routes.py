@@ -1,14 +1,24 @@
 """HTTP routes of the webhook service.
 
-``POST /hook`` answers GitHub: 401 for a missing or wrong signature (nothing is read further),
-400 for a body that is not the JSON we need (the reason is in the answer), 202 for events we
-do not act on, 200/201 for pushes. Pages and the JSON API read the database only.
+``POST /hook`` answers GitHub: 401 for a missing or wrong signature, 413 for a body over the
+limit, 400 for a body that is not the JSON we need (the reason is in the answer), 202 for events
+we do not act on, 200/201 for pushes, 503 while PostgreSQL is down (nothing is created; the
+delivery can be redelivered). A body is read only once the request carries a signature header,
+and at most :data:`BODY_READS` unverified bodies are read at once (the others wait their turn,
+or get a 503 after :data:`BODY_WAIT_S`), so a flood of unsigned 25 MB posts cannot exhaust the
+service's memory. Pages and the JSON API read the database only.
+
+``/metrics``, ``/health/live`` and ``/health/ready`` are the probes every service has
+(:mod:`shared.probes`); ``/health`` is the readiness probe under its older name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mimetypes
+import time
+from datetime import timedelta
 from typing import Any
 
 import pydantic
@@ -16,26 +26,37 @@ from aiohttp import web
 
 from services.webhook.events import PushEvent
 from services.webhook.intake import take_push
-from services.webhook.keys import BROKER, GITHUB, POOL, SETTINGS, STORAGE, TEMPLATES
+from services.webhook.keys import BODY_SLOTS, BROKER, GITHUB, POOL, SETTINGS, STORAGE, TEMPLATES
 from services.webhook.signature import verify_signature
+from shared import metrics
 from shared.errors import GitHubError, NotFound
 from shared.jobs import job_url
 from shared.logging import get_logger
+from shared.outage import is_outage
 
 log = get_logger(__name__)
+
+
+#: GitHub caps webhook payloads at 25 MB.
+MAX_BODY_BYTES = 25 * 1024 * 1024 + 1024
+#: Unverified request bodies read at once; each may be up to the 25 MB GitHub sends.
+BODY_READS = 4
+#: How long a delivery waits for a free reading slot before it gets a 503.
+BODY_WAIT_S = 30.0
 
 
 def add_routes(app: web.Application) -> None:
     """Register every route of the service."""
     app.router.add_post("/hook", hook)
     app.router.add_get("/health", health)
+    app.router.add_get("/api/workers", workers_json)
     app.router.add_get("/jobs/{job_id:\\d+}", job_page)
     app.router.add_get("/api/jobs/{job_id:\\d+}", job_json)
     app.router.add_get("/runs/{run_id:\\d+}/{name}", run_file)
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness and readiness: the database answers."""
+    """Readiness under its older name: the database answers."""
     try:
         await request.app[POOL].fetchval("SELECT 1")
     except Exception as exc:  # any failure means "not ready"; the reason goes in the answer
@@ -43,16 +64,88 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def workers_json(request: web.Request) -> web.Response:
+    """Every known worker with its state (active, inactive, offline) and what it runs."""
+    settings = request.app[SETTINGS]
+    rows = await request.app[POOL].fetch(
+        """
+        SELECT w.name, w.hostname, w.pid, w.state, w.run_id, w.started_at, w.last_seen_at,
+               CASE WHEN w.last_seen_at < now() - $2::interval THEN 'offline'
+                    WHEN w.last_seen_at < now() - $1::interval THEN 'inactive'
+                    ELSE 'active' END AS status,
+               extract(epoch FROM now() - w.last_seen_at) AS seen_s_ago,
+               r.source_path, r.layer, r.entry_name, r.attempt, r.status AS run_status
+        FROM workers w LEFT JOIN runs r ON r.id = w.run_id
+        ORDER BY w.last_seen_at DESC
+        """,
+        timedelta(seconds=settings.worker_inactive_s),
+        timedelta(seconds=settings.worker_offline_s),
+    )
+    workers = []
+    for row in rows:
+        item = dict(row)
+        item["seen_s_ago"] = round(float(item["seen_s_ago"]), 1)
+        # A worker's last report may name a run that has ended since: say so, not "running".
+        if item["run_id"] is not None and item["run_status"] is not None:
+            item["run_finished"] = True
+        workers.append(item)
+    counts = {status: 0 for status in ("active", "inactive", "offline")}
+    for item in workers:
+        counts[item["status"]] += 1
+    return web.json_response({
+        "counts": counts,
+        "rules": {"inactive_after_s": settings.worker_inactive_s,
+                  "offline_after_s": settings.worker_offline_s,
+                  "forgotten_after_s": settings.worker_forget_s},
+        "workers": workers,
+    }, dumps=_dumps)
+
+
 async def hook(request: web.Request) -> web.Response:
     """Receive one GitHub delivery."""
-    settings = request.app[SETTINGS]
-    body = await request.read()
-    secrets = [secret.get_secret_value() for secret in settings.webhook_secrets]
-    if not verify_signature(body, request.headers.get("X-Hub-Signature-256"), secrets):
-        log.warning("hook.unauthorized", delivery=request.headers.get("X-GitHub-Delivery"))
-        return web.json_response({"error": "missing or invalid signature"}, status=401)
-
     event = request.headers.get("X-GitHub-Event", "")
+    response = await _hook(request, event)
+    metrics.DELIVERIES.labels(event if event in _COUNTED_EVENTS else "other",
+                              str(response.status)).inc()
+    return response
+
+
+_COUNTED_EVENTS = frozenset({"push", "ping", "pull_request", "issue_comment"})
+
+
+async def _read_signed_body(request: web.Request) -> bytes | web.Response:
+    """The body if its signature is good; else the answer to give."""
+    settings = request.app[SETTINGS]
+    delivery = request.headers.get("X-GitHub-Delivery")
+    signature = request.headers.get("X-Hub-Signature-256")
+    if not signature:
+        log.warning("hook.unauthorized", delivery=delivery, reason="no signature header")
+        return web.json_response({"error": "missing or invalid signature"}, status=401)
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return web.json_response({"error": "body too large"}, status=413)
+    slots = request.app[BODY_SLOTS]
+    try:
+        await asyncio.wait_for(slots.acquire(), BODY_WAIT_S)
+    except TimeoutError:
+        log.warning("hook.busy", delivery=delivery)
+        return web.json_response({"error": "too many deliveries at once, try again"},
+                                 status=503, headers={"Retry-After": "10"})
+    try:
+        body = await request.read()
+        secrets = [secret.get_secret_value() for secret in settings.webhook_secrets]
+        if not verify_signature(body, signature, secrets):
+            log.warning("hook.unauthorized", delivery=delivery, reason="wrong signature")
+            return web.json_response({"error": "missing or invalid signature"}, status=401)
+    finally:
+        slots.release()
+    return body
+
+
+async def _hook(request: web.Request, event: str) -> web.Response:
+    settings = request.app[SETTINGS]
+    body = await _read_signed_body(request)
+    if isinstance(body, web.Response):
+        return body
     delivery = request.headers.get("X-GitHub-Delivery", "")
     if event == "ping":
         return web.json_response({"pong": True})
@@ -65,6 +158,9 @@ async def hook(request: web.Request) -> web.Response:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         # json.loads decodes bytes itself: invalid UTF-8 is not JSON either, not a 500.
         return web.json_response({"error": f"body is not JSON: {exc}"}, status=400)
+    except RecursionError:
+        return web.json_response({"error": "body is not JSON we accept: nested too deeply"},
+                                 status=400)
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -149,15 +245,32 @@ async def run_file(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def error_pages(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Unexpected errors become a 500 with a short reason and a log event, never a traceback."""
+    """Unexpected errors become a 500 with a short reason and a log event, never a traceback;
+    PostgreSQL or RabbitMQ being down becomes a 503 (try again later)."""
+    started = time.perf_counter()
+    status = 500
     try:
         response: web.StreamResponse = await handler(request)
+        status = response.status
         return response
-    except web.HTTPException:
+    except web.HTTPException as exc:
+        status = exc.status
         raise
-    except Exception:
+    except Exception as exc:
+        if is_outage(exc):
+            status = 503
+            log.warning("http.unavailable", path=request.path, error=repr(exc))
+            return web.json_response(
+                {"error": "a service we depend on is unavailable; try again later"},
+                status=503, headers={"Retry-After": "30"},
+            )
         log.exception("http.error", path=request.path)
         return web.json_response({"error": "internal error"}, status=500)
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.HTTP_LATENCY.labels(route, request.method, str(status)).observe(
+            time.perf_counter() - started)
 
 
 def _dumps(value: Any) -> str:

@@ -10,11 +10,26 @@ class RunError(Exception):
 
     ``problem`` is set where the failure happens (never guessed later from log text) and the
     message says what and where: the file, the row number, the field.
+
+    ``over_limit`` says a size limit was hit (a download too large, an archive expanding too
+    far, too many members): the run must not keep or upload the cache of such data.
+    ``transient`` says the failure may go away by itself (5xx, throttling, timeouts,
+    connection resets) and the in-run retries were used up: the whole run may be tried again
+    later. Both are decided where the error is raised, like ``problem``.
     """
 
-    def __init__(self, message: str, problem: SourceProblem) -> None:
+    def __init__(
+        self,
+        message: str,
+        problem: SourceProblem,
+        *,
+        over_limit: bool = False,
+        transient: bool = False,
+    ) -> None:
         super().__init__(message)
         self.problem: SourceProblem = problem
+        self.over_limit = over_limit
+        self.transient = transient
 
     def __str__(self) -> str:
         return str(self.args[0])

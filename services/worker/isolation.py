@@ -40,6 +40,7 @@ class RunRequest:
     allow_files: bool = False
     allow_private: bool = False
     max_unpacked_bytes: int = 20 * 1024**3
+    max_download_bytes: int = 10 * 1024**3
     #: From the latest successful run of this entry, for conditional GET and reuse.
     previous: dict[str, Any] | None = None
     progress: bool = False

@@ -47,6 +47,7 @@ def process_one(
             source=source, source_path=source_path_of(path), layer=layer,
             entry_name=entry_name, outdir=str(out), workdir=work, allow_files=True,
             allow_private=True, max_unpacked_bytes=settings.max_unpacked_bytes,
+            max_download_bytes=settings.max_download_bytes,
             progress=sys.stderr.isatty(),
         )
         limits = Limits(entry_timeout_s(entry, settings.run_timeout_s), settings.run_memory_bytes)

@@ -32,7 +32,7 @@ from services.worker.conform.writers import OutputSummary, OutputWriter
 from services.worker.errors import RunError
 from services.worker.isolation import RunRequest
 from services.worker.sources.archive import unpack
-from services.worker.sources.fetch import Conditional, Download, fetch
+from services.worker.sources.fetch import Conditional, Download, SizeLimits, fetch
 from services.worker.sources.guard import UrlPolicy
 from services.worker.state import RunState
 from services.worker.version import CODE_VERSION
@@ -93,6 +93,10 @@ def run_entry(request: RunRequest) -> RunState:
         log.error("run failed (%s): %s", exc.problem, exc)
         state.source_problem = exc.problem
         state.error = str(exc)
+        state.retryable = exc.transient
+        if exc.over_limit:
+            # The data that hit a size limit (an archive bomb, say) is not uploaded.
+            _drop_cache(outdir, state)
     except SourceError as exc:
         log.error("run failed (%s): %s", exc.problem, exc)
         state.source_problem = exc.problem  # type: ignore[assignment]
@@ -154,6 +158,10 @@ def _download(
             entry, workdir / "download",
             policy=UrlPolicy(allow_files=request.allow_files, allow_private=request.allow_private),
             conditional=conditional, out_fields=out_fields, progress=tick,
+            limits=SizeLimits(
+                max_download_bytes=request.max_download_bytes,
+                max_unpacked_bytes=request.max_unpacked_bytes,
+            ),
         )
     state.cache_time = round(time.monotonic() - started, 3)
     # The data's version is the day it was downloaded, as in the reference's state.
@@ -175,6 +183,13 @@ def _keep_cache(download: Download, outdir: Path, state: RunState) -> None:
     except OSError:
         shutil.copyfile(download.path, target)
     state.cache = name
+
+
+def _drop_cache(outdir: Path, state: RunState) -> None:
+    if state.cache is not None:
+        (outdir / state.cache).unlink(missing_ok=True)
+        log.info("removed %s from the outputs: the data hit a size limit", state.cache)
+    state.cache = None
 
 
 def _same_data(previous: Mapping[str, Any], download: Download) -> bool:

@@ -51,6 +51,9 @@ class RunState(BaseModel):
     attribute_counts: dict[str, int] = Field(default_factory=dict, alias="attribute counts")
     dropped_rows: int = Field(default=0, alias="dropped rows")
     reused_from: int | None = Field(default=None, alias="reused from")
+    #: The run failed for a reason that may go away (5xx, throttling, timeouts, connection
+    #: resets after the in-run retries): the dequeuer may run it again later.
+    retryable: bool = False
 
     @property
     def succeeded(self) -> bool:

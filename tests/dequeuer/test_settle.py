@@ -7,10 +7,12 @@ from datetime import timedelta
 
 import asyncpg
 
+from services.dequeuer.recovery import Rules
 from services.dequeuer.settle import overdue_runs, record_heartbeat, settle_done, settle_due
 from shared.messages import Done, Due, Heartbeat, utcnow
 
 BASE = "http://oa.example.org"
+RULES = Rules(public_base_url=BASE)
 SHA = "c" * 40
 
 
@@ -39,7 +41,7 @@ async def test_done_settles_the_run_and_the_job(db_pool: asyncpg.Pool) -> None:
     job_id, (run_id,) = await make_job(db_pool)
     message = done(run_id, outputs={"out.csv": f"runs/{run_id}/out.csv"},
                    state={"fingerprint": "f1", "etag": '"e"', "last modified": "Mon"})
-    assert await settle_done(db_pool, message, BASE) is True
+    assert (await settle_done(db_pool, message, RULES)).action == "settled"
     run = await db_pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)
     assert run["status"] == "success"
     assert run["outputs"] == {"out.csv": f"runs/{run_id}/out.csv"}
@@ -56,15 +58,15 @@ async def test_done_settles_the_run_and_the_job(db_pool: asyncpg.Pool) -> None:
 
 async def test_duplicate_done_changes_nothing(db_pool: asyncpg.Pool) -> None:
     _, (run_id,) = await make_job(db_pool)
-    assert await settle_done(db_pool, done(run_id, "success"), BASE) is True
+    assert (await settle_done(db_pool, done(run_id, "success"), RULES)).action == "settled"
     before = dict(await db_pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id))
     statuses_before = await db_pool.fetchval("SELECT count(*) FROM statuses")
 
     # The same message again, and a contradicting one: both change nothing.
-    assert await settle_done(db_pool, done(run_id, "success"), BASE) is False
-    assert await settle_done(
+    assert (await settle_done(db_pool, done(run_id, "success"), RULES)).action == "ignored"
+    assert (await settle_done(
         db_pool, done(run_id, "failure", source_problem="conform_failed", error="late"), BASE
-    ) is False
+    )).action == "ignored"
     assert dict(await db_pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)) == before
     assert await db_pool.fetchval("SELECT count(*) FROM statuses") == statuses_before == 1
 
@@ -73,7 +75,7 @@ async def test_due_after_done_changes_nothing(db_pool: asyncpg.Pool) -> None:
     job_id, (run_id,) = await make_job(db_pool)
     await db_pool.execute(
         "UPDATE runs SET deadline_at = now() - interval '1 minute' WHERE id = $1", run_id)
-    assert await settle_done(db_pool, done(run_id), BASE) is True
+    assert (await settle_done(db_pool, done(run_id), RULES)).action == "settled"
     before = dict(await db_pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id))
     due = Due(run_id=run_id, deadline_at=before["deadline_at"])
     assert await settle_due(db_pool, due, BASE) is False
@@ -106,7 +108,7 @@ async def test_due_after_the_deadline_fails_the_run_and_a_late_done_changes_noth
     assert (run["status"], run["source_problem"]) == ("failure", "timeout")
     assert "before the deadline" in run["error"]
     assert await db_pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "failure"
-    assert await settle_done(db_pool, done(run_id), BASE) is False
+    assert (await settle_done(db_pool, done(run_id), RULES)).action == "ignored"
     assert await db_pool.fetchval("SELECT status FROM runs WHERE id = $1", run_id) == "failure"
     assert [r["state"] for r in await db_pool.fetch("SELECT state FROM statuses")] == ["failure"]
 
@@ -114,7 +116,7 @@ async def test_due_after_the_deadline_fails_the_run_and_a_late_done_changes_noth
 async def test_heartbeat_upserts_the_worker_and_starts_the_run(db_pool: asyncpg.Pool) -> None:
     _, (run_id,) = await make_job(db_pool)
     idle = Heartbeat(worker="w-1", hostname="host-a", pid=11)
-    await record_heartbeat(db_pool, idle)
+    await record_heartbeat(db_pool, idle, RULES)
     worker = await db_pool.fetchrow("SELECT * FROM workers WHERE name = 'w-1'")
     assert (worker["hostname"], worker["pid"], worker["state"], worker["run_id"]) == (
         "host-a", 11, "idle", None)
@@ -122,7 +124,7 @@ async def test_heartbeat_upserts_the_worker_and_starts_the_run(db_pool: asyncpg.
     deadline = utcnow() + timedelta(hours=2)
     first = Heartbeat(worker="w-1", hostname="host-b", pid=12, run_id=run_id, attempt=1,
                       deadline_at=deadline, state="running")
-    await record_heartbeat(db_pool, first)
+    await record_heartbeat(db_pool, first, RULES)
     assert await db_pool.fetchval("SELECT count(*) FROM workers") == 1
     worker = await db_pool.fetchrow("SELECT * FROM workers WHERE name = 'w-1'")
     assert (worker["hostname"], worker["pid"], worker["state"], worker["run_id"]) == (
@@ -136,24 +138,24 @@ async def test_heartbeat_upserts_the_worker_and_starts_the_run(db_pool: asyncpg.
     # A later beat without a deadline keeps the start and the deadline.
     later = Heartbeat(worker="w-1", hostname="host-b", pid=12, run_id=run_id, state="running",
                       sent_at=first.sent_at + timedelta(seconds=30))
-    await record_heartbeat(db_pool, later)
+    await record_heartbeat(db_pool, later, RULES)
     run = await db_pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)
     assert (run["started_at"], run["deadline_at"]) == (first.sent_at, deadline)
     assert await db_pool.fetchval("SELECT last_seen_at FROM workers") == later.sent_at
 
     # A beat that arrives late (older than the last) does not move last_seen_at back.
     stale = Heartbeat(worker="w-1", hostname="host-b", pid=12, sent_at=first.sent_at)
-    await record_heartbeat(db_pool, stale)
+    await record_heartbeat(db_pool, stale, RULES)
     assert await db_pool.fetchval("SELECT last_seen_at FROM workers") == later.sent_at
 
 
 async def test_heartbeat_for_a_finished_run_leaves_it_alone(db_pool: asyncpg.Pool) -> None:
     _, (run_id,) = await make_job(db_pool)
-    await settle_done(db_pool, done(run_id), BASE)
+    await settle_done(db_pool, done(run_id), RULES)
     before = dict(await db_pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id))
     await record_heartbeat(db_pool, Heartbeat(
         worker="w-2", hostname="h", pid=1, run_id=run_id, state="running",
-        deadline_at=utcnow() + timedelta(hours=1)))
+        deadline_at=utcnow() + timedelta(hours=1)), RULES)
     assert dict(await db_pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)) == before
 
 
@@ -177,11 +179,11 @@ async def test_overdue_runs_lists_open_runs_past_their_deadline(db_pool: asyncpg
 
 async def test_job_stays_open_until_its_last_run(db_pool: asyncpg.Pool) -> None:
     job_id, (first, second) = await make_job(db_pool, runs=2)
-    assert await settle_done(db_pool, done(first, "skipped"), BASE) is True
+    assert (await settle_done(db_pool, done(first, "skipped"), RULES)).action == "settled"
     assert await db_pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) is None
     assert await db_pool.fetchval("SELECT count(*) FROM statuses") == 0
-    assert await settle_done(
-        db_pool, done(second, "failure", source_problem="download_failed"), BASE) is True
+    failed = done(second, "failure", source_problem="download_failed")
+    assert (await settle_done(db_pool, failed, RULES)).action == "settled"
     assert await db_pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "failure"
     assert [tuple(r) for r in await db_pool.fetch("SELECT state, description FROM statuses")] == [
         ("failure", "Runs: 0 succeeded, 1 skipped, 1 failed")
@@ -194,8 +196,8 @@ async def test_two_racing_settles_of_the_last_runs_settle_the_job_exactly_once(
     for _ in range(10):  # the interleaving differs from round to round
         job_id, (first, second) = await make_job(db_pool, runs=2)
         results = await asyncio.gather(
-            settle_done(db_pool, done(first), BASE), settle_done(db_pool, done(second), BASE))
-        assert results == [True, True]
+            settle_done(db_pool, done(first), RULES), settle_done(db_pool, done(second), RULES))
+        assert [result.action for result in results] == ["settled", "settled"]
         assert await db_pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == (
             "success"), "neither settle saw the job's last run final"
         assert await db_pool.fetchval(

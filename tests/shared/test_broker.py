@@ -11,10 +11,12 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel
 
 import shared.broker
+import shared.outage
 from shared.broker import RETRIES_HEADER, Broker, PublishError
 from shared.errors import MessageError
 from shared.messages import (
@@ -108,6 +110,14 @@ async def raw_get(channel: AbstractChannel, queue: str) -> aio_pika.abc.Abstract
             return message
         await asyncio.sleep(0.05)
     raise AssertionError(f"no message in {queue}")
+
+
+async def wait_consumers(broker: Broker, queue: str, consumers: int) -> None:
+    for _ in range(100):
+        if (await broker.queue_depth(queue))[1] == consumers:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{queue} never had {consumers} consumers")
 
 
 async def wait_depth(broker: Broker, queue: str, ready: int) -> None:
@@ -240,22 +250,57 @@ async def test_message_error_from_handler_dead_letters(
     assert Due.model_validate_json(dead.body).run_id == 3
 
 
-async def test_transient_failure_is_retried(broker: Broker) -> None:
+async def test_an_outage_is_waited_out_in_place_never_counted_nor_dead_lettered(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Short back-off for the test; the rule under test is the count, not the delay.
+    monkeypatch.setattr(shared.outage.Backoff, "next_delay_s", lambda self: 0.01)
+    calls: list[Done] = []
+    finished = asyncio.Event()
+
+    async def handler(message: Done) -> None:
+        calls.append(message)
+        if len(calls) <= 8:  # more failures than max_retries allows for a failure of the work
+            raise asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+        finished.set()
+
+    async with consuming(broker, QUEUE_DONE, handler, accept=(Done,), max_retries=2):
+        await broker.publish(EXCHANGE_DONE, ROUTE_DONE, make_done(11))
+        await asyncio.wait_for(finished.wait(), WAIT_S)
+    assert [call.run_id for call in calls] == [11] * 9
+    assert await broker.queue_depth(QUEUE_DONE) == (0, 0)
+    assert (await broker.queue_depth(QUEUE_DEAD))[0] == 0
+
+
+async def test_a_connection_error_is_an_outage(broker: Broker) -> None:
     calls: list[Done] = []
     finished = asyncio.Event()
 
     async def handler(message: Done) -> None:
         calls.append(message)
         if len(calls) == 1:
-            raise ConnectionError("database is down")
+            raise ConnectionRefusedError("database is down")
         finished.set()
 
-    async with consuming(broker, QUEUE_DONE, handler, accept=(Done,)):
+    async with consuming(broker, QUEUE_DONE, handler, accept=(Done,), max_retries=0):
         await broker.publish(EXCHANGE_DONE, ROUTE_DONE, make_done(11))
         await asyncio.wait_for(finished.wait(), WAIT_S)
     assert [call.run_id for call in calls] == [11, 11]
-    assert await broker.queue_depth(QUEUE_DONE) == (0, 0)
     assert (await broker.queue_depth(QUEUE_DEAD))[0] == 0
+
+
+async def test_a_broker_started_while_rabbitmq_is_down_connects_when_it_is_up() -> None:
+    own = Broker("amqp://guest:guest@127.0.0.1:1/")
+    own.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await own.wait_ready(timeout_s=1.0)
+        assert own.ready is False
+        with pytest.raises(PublishError):
+            await asyncio.wait_for(own.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task()),
+                                   shared.broker.PUBLISH_TIMEOUT_S + 5)
+    finally:
+        await own.close()
 
 
 async def test_poison_message_ends_in_dead_letters(
@@ -291,47 +336,92 @@ async def test_cancelled_consumer_requeues_the_message(broker: Broker) -> None:
     await wait_depth(broker, QUEUE_DONE, 1)
 
 
-async def test_ack_early_takes_one_task_per_free_slot(broker: Broker) -> None:
-    started: asyncio.Queue[Task] = asyncio.Queue()
+async def test_feed_takes_one_task_per_free_slot_and_unsubscribes_while_full(
+    broker: Broker,
+) -> None:
+    announced: list[int] = []
 
-    async def handler(message: Task) -> None:
-        await started.put(message)
-        await asyncio.sleep(3600)  # a long run
+    async def before_ack(task: Task) -> None:
+        announced.append(task.run_id)
 
     await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(21))
     await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(22))
-    async with consuming(
-        broker, QUEUE_TASKS, handler, accept=(Task,), ack_early=True, poll_interval_s=0.05
-    ):
-        first = await asyncio.wait_for(started.get(), WAIT_S)
-        await asyncio.sleep(0.3)
-        # prefetch=1: the busy worker left the second task for others.
-        assert started.empty()
-        assert (await broker.queue_depth(QUEUE_TASKS))[0] == 1
-    assert first.run_id == 21
-    # The first task was acked when it started: stopping the worker does not requeue it.
-    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 1
+    feed = broker.feed(QUEUE_TASKS, (Task,), capacity=1, before_ack=before_ack)
+    try:
+        first = await asyncio.wait_for(feed.next(), WAIT_S)
+        assert first.run_id == 21 and announced == [21]
+        # The only slot is taken: the second task stays for other workers and this worker is
+        # not a consumer of the queue while busy.
+        await wait_depth(broker, QUEUE_TASKS, 1)
+        await wait_consumers(broker, QUEUE_TASKS, 0)
+        feed.release()
+        second = await asyncio.wait_for(feed.next(), WAIT_S)
+        assert second.run_id == 22 and announced == [21, 22]
+        feed.release()
+        # Free again: subscribed, so the broker's consumer count shows a ready worker.
+        await wait_consumers(broker, QUEUE_TASKS, 1)
+    finally:
+        await feed.close()
+    # Both were acked when taken: closing the feed gives nothing back.
+    assert await broker.queue_depth(QUEUE_TASKS) == (0, 0)
 
 
-async def test_ack_early_handler_errors_do_not_stop_the_consumer(broker: Broker) -> None:
-    seen: list[int] = []
-    done = asyncio.Event()
+async def test_feed_gives_the_task_back_when_it_cannot_be_announced(broker: Broker) -> None:
+    attempts: list[int] = []
 
-    async def handler(message: Task) -> None:
-        seen.append(message.run_id)
-        if message.run_id == 31:
-            raise RuntimeError("crash in the run")
-        done.set()
+    async def before_ack(task: Task) -> None:
+        attempts.append(task.run_id)
+        if len(attempts) == 1:
+            raise PublishError("broker unavailable: heartbeat not confirmed")
 
-    async with consuming(
-        broker, QUEUE_TASKS, handler, accept=(Task,), ack_early=True, poll_interval_s=0.05
-    ):
-        await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(31))
-        await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(32))
-        await asyncio.wait_for(done.wait(), WAIT_S)
-    assert seen == [31, 32]
+    await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(31))
+    feed = broker.feed(QUEUE_TASKS, (Task,), capacity=1, before_ack=before_ack)
+    try:
+        # Not announced, so not acked: it went back to the queue and came round again.
+        task = await asyncio.wait_for(feed.next(), WAIT_S)
+    finally:
+        await feed.close()
+    assert task.run_id == 31
+    assert attempts == [31, 31]
     assert (await broker.queue_depth(QUEUE_TASKS))[0] == 0
     assert (await broker.queue_depth(QUEUE_DEAD))[0] == 0
+
+
+async def test_feed_dead_letters_what_is_not_a_task(
+    broker: Broker, raw_channel: AbstractChannel
+) -> None:
+    exchange = await raw_channel.get_exchange(EXCHANGE_TASKS)
+    await exchange.publish(aio_pika.Message(b"{not json"), ROUTE_TASK)
+    await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(41))
+
+    async def before_ack(task: Task) -> None:
+        return None
+
+    feed = broker.feed(QUEUE_TASKS, (Task,), capacity=1, before_ack=before_ack)
+    try:
+        task = await asyncio.wait_for(feed.next(), WAIT_S)
+    finally:
+        await feed.close()
+    assert task.run_id == 41
+    assert (await raw_get(raw_channel, QUEUE_DEAD)).body == b"{not json"
+
+
+async def test_feed_closed_gives_back_what_it_did_not_hand_out(broker: Broker) -> None:
+    async def before_ack(task: Task) -> None:
+        return None
+
+    feed = broker.feed(QUEUE_TASKS, (Task,), capacity=2, before_ack=before_ack)
+    taking = asyncio.create_task(feed.next())
+    await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(61))
+    assert (await asyncio.wait_for(taking, WAIT_S)).run_id == 61
+    await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(62))
+    # Delivered to the feed (a slot was free), not taken by anyone: closing requeues it.
+    await wait_depth(broker, QUEUE_TASKS, 0)
+    await asyncio.sleep(0.2)
+    await feed.close()
+    await wait_depth(broker, QUEUE_TASKS, 1)
+    again = await broker.get(QUEUE_TASKS)
+    assert isinstance(again, Task) and again.run_id == 62
 
 
 async def test_queue_depth_counts_ready_messages_and_consumers(broker: Broker) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
-from services.demo.github import GitHubStandIn
+from services.demo.github import Answer, GitHubStandIn
 from shared.github import GitHub
 from shared.jobs import queue_status, send_statuses
 
@@ -152,3 +154,165 @@ async def test_two_senders_post_each_status_once_and_in_order(
     assert sorted(posted(stand_in)) == sorted(items)
     for sha in (SHA_A, SHA_B, "d" * 40):
         assert stand_in.states(sha) == ["pending", "success"]
+
+
+async def send_until_sent(pool: asyncpg.Pool, github: GitHub, *, calls: int = 10) -> int:
+    """Call send_statuses (every status due) until nothing is left to send; returns the calls."""
+    for call in range(1, calls + 1):
+        await make_due(pool)
+        await send_statuses(pool, github)
+        left = await pool.fetchval(
+            "SELECT count(*) FROM statuses WHERE posted_at IS NULL AND given_up_at IS NULL")
+        if left == 0:
+            return call
+    raise AssertionError(f"statuses still unsent after {calls} calls")
+
+
+async def test_github_failing_for_a_while_then_recovering_posts_everything_in_order(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn
+) -> None:
+    await queue(db_pool, (SHA_A, "pending"), (SHA_B, "pending"), (SHA_A, "success"))
+    stand_in.answer_statuses(500, 502, 500)
+    await send_until_sent(db_pool, github)
+    assert stand_in.states(SHA_A) == ["pending", "success"]
+    assert stand_in.states(SHA_B) == ["pending"]
+    # A's success was never tried while A's pending was failing.
+    assert stand_in.requests_for(SHA_A, "success") == [201]
+    assert sorted(r.answered for r in stand_in.status_requests) == [201, 201, 201, 500, 500, 502]
+    rows = await db_pool.fetch("SELECT posted_at, given_up_at FROM statuses")
+    assert all(r["posted_at"] is not None and r["given_up_at"] is None for r in rows)
+
+
+async def test_permanent_answer_gives_up_the_status_and_unblocks_its_commit(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn
+) -> None:
+    pending_id, success_id = await queue(db_pool, (SHA_A, "pending"), (SHA_A, "success"))
+    stand_in.answer_statuses(500, 500, 500, 422, sha=SHA_A, state="pending")
+    with capture_logs() as logs:
+        await send_until_sent(db_pool, github)
+    assert stand_in.requests_for(SHA_A, "pending") == [500, 500, 500, 422]
+    assert stand_in.states(SHA_A) == ["success"]
+    given_up = await db_pool.fetchrow("SELECT * FROM statuses WHERE id = $1", pending_id)
+    assert given_up["posted_at"] is None
+    assert given_up["given_up_at"] is not None
+    assert given_up["attempts"] == 4
+    assert "HTTP 422" in given_up["last_error"]
+    assert (await db_pool.fetchval("SELECT posted_at FROM statuses WHERE id = $1", success_id)
+            is not None)
+    events = [e for e in logs if e["event"] == "status.given_up"]
+    assert len(events) == 1
+    assert (events[0]["status_id"], events[0]["repo"], events[0]["sha"]) == (
+        pending_id, REPO, SHA_A)
+    assert "HTTP 422" in events[0]["error"]
+    assert events[0]["log_level"] == "error"
+
+    # Never tried again, however often the outbox runs and whatever its next_try_at says.
+    for _ in range(3):
+        await make_due(db_pool)
+        assert await send_statuses(db_pool, github) == 0
+    assert stand_in.requests_for(SHA_A, "pending") == [500, 500, 500, 422]
+    assert await db_pool.fetchval("SELECT attempts FROM statuses WHERE id = $1", pending_id) == 4
+
+
+async def test_given_up_status_does_not_block_a_status_queued_later(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn
+) -> None:
+    (pending_id,) = await queue(db_pool, (SHA_A, "pending"))
+    stand_in.answer_statuses(404)
+    assert await send_statuses(db_pool, github) == 0
+    assert await db_pool.fetchval(
+        "SELECT given_up_at IS NOT NULL FROM statuses WHERE id = $1", pending_id)
+    await queue(db_pool, (SHA_A, "failure"))
+    assert await send_statuses(db_pool, github) == 1
+    assert stand_in.states(SHA_A) == ["failure"]
+    assert stand_in.requests_for(SHA_A) == [404, 201]
+
+
+@pytest.mark.parametrize(
+    ("answer", "given_up"),
+    [(400, True), (404, True), (410, True), (422, True),
+     (401, False), (403, False), (408, False), (429, False), (500, False), (503, False)],
+)
+async def test_which_answers_are_given_up_and_which_retried(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn, answer: int, given_up: bool
+) -> None:
+    (status_id,) = await queue(db_pool, (SHA_A, "pending"))
+    stand_in.answer_statuses(answer)
+    assert await send_statuses(db_pool, github) == 0
+    row = await db_pool.fetchrow(
+        "SELECT *, next_try_at > now() AS later FROM statuses WHERE id = $1", status_id)
+    assert (row["given_up_at"] is not None) is given_up
+    assert row["attempts"] == 1
+    assert f"HTTP {answer}" in row["last_error"]
+    if not given_up:
+        assert row["later"] is True
+        await make_due(db_pool)
+        assert await send_statuses(db_pool, github) == 1
+    assert stand_in.requests_for(SHA_A) == [answer] + ([] if given_up else [201])
+
+
+async def test_github_unreachable_is_retried(db_pool: asyncpg.Pool) -> None:
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (status_id,) = await queue(db_pool, (SHA_A, "pending"))
+    client = GitHub.open(f"http://127.0.0.1:{port}", None)
+    try:
+        assert await send_statuses(db_pool, client) == 0
+    finally:
+        await client.close()
+    row = await db_pool.fetchrow("SELECT * FROM statuses WHERE id = $1", status_id)
+    assert (row["given_up_at"], row["posted_at"], row["attempts"]) == (None, None, 1)
+    assert "Connect" in row["last_error"]
+
+
+@pytest.mark.parametrize(
+    "bad_sha", ["abc", "a" * 39, "g" * 40, "a" * 40 + "/../x", "../" + "a" * 37])
+async def test_malformed_sha_is_given_up_without_any_request(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn, bad_sha: str
+) -> None:
+    await queue(db_pool, (bad_sha, "pending"), (bad_sha, "success"), (SHA_A, "pending"))
+    assert await send_statuses(db_pool, github) == 1
+    assert [(r.sha, r.state) for r in stand_in.status_requests] == [(SHA_A, "pending")]
+    rows = await db_pool.fetch(
+        "SELECT id, given_up_at, posted_at, attempts, last_error FROM statuses ORDER BY id")
+    for row in rows[:2]:
+        assert row["given_up_at"] is not None and row["posted_at"] is None
+        assert row["attempts"] == 1
+        assert row["last_error"] == f"not a commit SHA (40 hex characters): {bad_sha!r}"
+    assert rows[2]["posted_at"] is not None
+    await make_due(db_pool)
+    assert await send_statuses(db_pool, github) == 0
+    assert len(stand_in.status_requests) == 1
+
+
+@pytest.mark.parametrize("answer", [403, 429, 503])
+async def test_retry_after_is_honoured(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn, answer: int
+) -> None:
+    (status_id,) = await queue(db_pool, (SHA_A, "pending"))
+    stand_in.answer_statuses(Answer(answer, retry_after="120"))
+    assert await send_statuses(db_pool, github) == 0
+    wait_s = await db_pool.fetchval(
+        "SELECT extract(epoch FROM next_try_at - now()) FROM statuses WHERE id = $1", status_id)
+    assert 119 <= wait_s <= 120  # not the 5 s of the first backoff
+    assert await db_pool.fetchval(
+        "SELECT given_up_at FROM statuses WHERE id = $1", status_id) is None
+    # Not before it: the next call leaves it alone.
+    assert await send_statuses(db_pool, github) == 0
+    assert stand_in.requests_for(SHA_A) == [answer]
+
+
+async def test_retry_after_shorter_than_the_backoff_leaves_the_backoff(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn
+) -> None:
+    (status_id,) = await queue(db_pool, (SHA_A, "pending"))
+    stand_in.answer_statuses(Answer(503, retry_after="1"), Answer(503, retry_after="1"))
+    waits = []
+    for _ in range(2):
+        await make_due(db_pool)
+        assert await send_statuses(db_pool, github) == 0
+        waits.append(await db_pool.fetchval(
+            "SELECT extract(epoch FROM next_try_at - now()) FROM statuses WHERE id = $1",
+            status_id))
+    assert 4 <= waits[0] <= 5 and 9 <= waits[1] <= 10

@@ -81,7 +81,8 @@ def test_source_problems_are_the_message_codes() -> None:
     assert "invalid_source" in SOURCE_PROBLEMS
     assert "skip_source" in SOURCE_PROBLEMS
     assert "timeout" in SOURCE_PROBLEMS
-    assert len(SOURCE_PROBLEMS) == 12
+    assert "worker_lost" in SOURCE_PROBLEMS
+    assert len(SOURCE_PROBLEMS) == 13
     assert LAYERS == ("addresses", "parcels", "buildings", "centerlines")
 
 
@@ -257,6 +258,39 @@ def test_parse_rejects_non_objects_nan_and_bad_utf8() -> None:
         parse_source('{"timeout": NaN}', path="x.json")
     with pytest.raises(SourceError, match=r"^x\.json: not UTF-8 text \(byte 10"):
         parse_source(b'{"name": "\xff"}', path="x.json")
+
+
+def nested(depth: int) -> str:
+    """A valid source, whose one entry's ``note`` holds arrays nested ``depth`` deep if any."""
+    note = f', "note": {"[" * depth + "]" * depth}' if depth else ""
+    return (
+        '{"schema": 2, "coverage": {"country": "us"}, "layers": {"addresses": [{"name": "a", '
+        '"data": "http://example.com/a.csv", "protocol": "http", '
+        f'"conform": {{"format": "csv", "number": "n", "street": "s"}}{note}}}]}}}}'
+    )
+
+
+@pytest.mark.parametrize("depth", [200_000, 600], ids=["past-the-parser", "past-the-copy"])
+def test_json_nested_absurdly_deep_is_a_source_error(depth: int) -> None:
+    with pytest.raises(SourceError) as info:
+        load_source(nested(depth).encode(), path="sources/us/deep.json")
+    assert str(info.value) == (
+        "sources/us/deep.json: invalid JSON: arrays or objects are nested too deeply to read"
+    )
+    assert info.value.problem == "invalid_source"
+
+
+def test_parse_and_validate_turn_deep_nesting_into_a_source_error() -> None:
+    with pytest.raises(SourceError, match="nested too deeply"):
+        parse_source(b"[" * 200_000 + b"]" * 200_000, path="x.json")
+    source = load_source(nested(0), path="x.json")
+    deep: list[Any] = []
+    for _ in range(100_000):  # built without recursion, too deep to walk with it
+        deep = [deep]
+    source["layers"]["addresses"][0]["note"] = deep
+    with pytest.raises(SourceError, match=r"^x\.json: .*nested too deeply") as info:
+        validate_source(source, path="x.json")
+    assert info.value.problem == "invalid_source"
 
 
 def test_parse_accepts_a_byte_order_mark() -> None:

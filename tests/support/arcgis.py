@@ -50,6 +50,8 @@ class FakeLayer:
     advertised_max_record_count: int | None = None
     #: HTTP statuses answered, one per request, before normal answers.
     failures: list[int] = field(default_factory=list)
+    #: Answer gzip-encoded, as most real servers do when the client accepts it.
+    gzip: bool = False
 
     @property
     def field_names(self) -> list[str]:
@@ -118,7 +120,8 @@ class FakeArcGIS(AppServer):
             {"name": name, "type": "esriFieldTypeOID" if name == OID else "esriFieldTypeString"}
             for name in layer.field_names
         ]
-        return _json(
+        return _answer(
+            layer,
             {
                 "currentVersion": 10.91,
                 "name": request.match_info["name"],
@@ -129,7 +132,7 @@ class FakeArcGIS(AppServer):
                 "capabilities": "Query",
                 "maxRecordCount": layer.advertised_max_record_count or layer.max_record_count,
                 "advancedQueryCapabilities": {"supportsPagination": layer.supports_pagination},
-            }
+            },
         )
 
     async def _query(self, request: web.Request) -> web.Response:
@@ -138,10 +141,10 @@ class FakeArcGIS(AppServer):
             return got
         layer, params = got
         if params.get("returnCountOnly") == "true":
-            return _json({"count": len(layer.features) + layer.count_error})
+            return _answer(layer, {"count": len(layer.features) + layer.count_error})
         if params.get("returnIdsOnly") == "true":
             ids = [f["attributes"][OID] for f in layer.features]
-            return _json({"objectIdFieldName": OID, "objectIds": ids})
+            return _answer(layer, {"objectIdFieldName": OID, "objectIds": ids})
         if "resultOffset" in params and not layer.supports_pagination:
             return _error(400, "Pagination is not supported.")
         features, more = _select(layer, params)
@@ -153,7 +156,7 @@ class FakeArcGIS(AppServer):
         }
         if more:
             answer["exceededTransferLimit"] = True
-        return _json(answer)
+        return _answer(layer, answer)
 
 
 def _select(layer: FakeLayer, params: dict[str, str]) -> tuple[list[dict[str, Any]], bool]:
@@ -181,6 +184,13 @@ def _project(feature: dict[str, Any], out_fields: str) -> dict[str, Any]:
 def _json(body: dict[str, Any]) -> web.Response:
     # ArcGIS often labels JSON as text/plain; the client must not rely on the content type.
     return web.Response(text=json.dumps(body), content_type="text/plain")
+
+
+def _answer(layer: FakeLayer, body: dict[str, Any]) -> web.Response:
+    response = _json(body)
+    if layer.gzip:
+        response.enable_compression(web.ContentCoding.gzip)
+    return response
 
 
 def _error(code: int, message: str, *, status: int = 200) -> web.Response:

@@ -143,6 +143,8 @@ class Route:
     stall_s: float = 0.0
     #: Answer with a redirect to this URL.
     redirect_to: str | None = None
+    #: Send the body with chunked transfer encoding, announcing no Content-Length.
+    chunked: bool = False
 
 
 class DataServer(AppServer):
@@ -187,7 +189,10 @@ class DataServer(AppServer):
     async def _send(self, request: web.Request, route: Route) -> web.StreamResponse:
         response = web.StreamResponse(status=route.status, headers=route.headers)
         response.content_type = route.content_type
-        response.content_length = len(route.body)
+        if route.chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(route.body)
         if route.etag:
             response.headers["ETag"] = route.etag
         if route.last_modified:

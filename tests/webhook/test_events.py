@@ -160,3 +160,22 @@ def test_unknown_fields_are_ignored_and_missing_lists_default_to_empty() -> None
     event = PushEvent.model_validate(body)
     assert event.commits[0].added == event.commits[0].modified == event.commits[0].removed == []
     assert event.changed_sources() == []
+
+
+@pytest.mark.parametrize("field", ["after", "before"])
+@pytest.mark.parametrize(
+    "value", ["", "abc", "6113728f27ae82c7b1a177c8d03f9e96e0adf24", "g" * 40,
+              "6113728f27ae82c7b1a177c8d03f9e96e0adf246\n", "../../" + "a" * 34, "main"],
+)
+def test_malformed_sha_names_the_field(field: str, value: str) -> None:
+    body = payload("push.with-new-branch")
+    body[field] = value
+    with pytest.raises(pydantic.ValidationError) as caught:
+        PushEvent.model_validate(body)
+    assert caught.value.errors()[0]["loc"] == (field,)
+
+
+def test_full_shas_in_either_case_are_read() -> None:
+    body = payload("push.with-new-branch")
+    body.update(after="6113728F27AE82C7B1A177C8D03F9E96E0ADF246", before=ZERO_SHA)
+    assert PushEvent.model_validate(body).after == "6113728F27AE82C7B1A177C8D03F9E96E0ADF246"

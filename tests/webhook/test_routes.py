@@ -124,6 +124,23 @@ async def test_push_missing_a_field_is_400_naming_it(
     await nothing_created(db_pool, broker, github)
 
 
+@pytest.mark.parametrize("field", ["after", "before"])
+@pytest.mark.parametrize("value", ["abc", "z" * 40, "a" * 40 + "/../x"])
+async def test_push_with_a_malformed_sha_is_400_naming_it(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker,
+    github: GitHubStandIn, field: str, value: str,
+) -> None:
+    sha = new_sha()
+    github.add_file(REPO, "sources/us/ks/a.json", sha, GOOD_SOURCE)
+    payload = json.loads(push_body(["sources/us/ks/a.json"], sha))
+    payload[field] = value
+    status, answer = await post(client, json.dumps(payload).encode())
+    assert status == 400
+    assert answer["error"].startswith(f"push payload: {field}:")
+    await nothing_created(db_pool, broker, github)
+    assert github.status_requests == []
+
+
 async def test_push_that_is_json_but_not_an_object_is_400(
     client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
 ) -> None:

@@ -1395,12 +1395,23 @@ def test_404_is_download_failed(servers: Servers, tmp_path: Path, quick_fetch: N
     assert "404" in (state.error or "")
     assert state.feature_count is None
     assert servers.http.count("/bad/missing.csv") == 1  # a 404 is final: no retries
+    assert state.retryable is False
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["retryable"] is False
     # The same through `oa-machine process-one`: exit status 1 and the reason on stderr.
     source = lane_source(servers.http.url("/bad/missing.csv"))
     done, outdir = run_cli(source, "us/ks/lane_county", "addresses", "county", tmp_path / "cli")
     assert done.returncode == 1
     assert "failed (download_failed)" in done.stderr and "404" in done.stderr
     assert json.loads((outdir / "index.json").read_text())["source problem"] == "download_failed"
+
+
+def test_503_for_ever_is_retryable(servers: Servers, tmp_path: Path, quick_fetch: None) -> None:
+    url = servers.http.add("/bad/down.csv", b"", failures=[503] * 10)
+    state = lane_run(url, tmp_path)
+    assert state.source_problem == "download_failed"
+    assert "after 3 tries" in (state.error or "") and "503" in (state.error or "")
+    assert state.retryable is True
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["retryable"] is True
 
 
 def test_500_then_success(servers: Servers, tmp_path: Path, quick_fetch: None) -> None:
@@ -1445,6 +1456,32 @@ def test_zip_bomb_is_refused(servers: Servers, tmp_path: Path) -> None:
     unpacked = sum(f.stat().st_size for f in (tmp_path / "work").rglob("*") if f.is_file()
                    and "unpacked" in f.parts)
     assert unpacked <= 100_000 + 1024 * 1024  # at most one block past the limit
+    # The bomb is not kept as the run's cache, so it is never uploaded.
+    assert state.cache is None and not list((tmp_path / "out").glob("cache*"))
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["cache"] is None
+    assert state.retryable is False
+
+
+def test_gzip_encoded_bomb_is_refused(servers: Servers, tmp_path: Path) -> None:
+    bomb = sd.gzip_bytes(b"NUM,STR\r\n" + b"0" * 5_000_000)
+    assert len(bomb) < 20_000
+    url = servers.http.add("/bad/encoded-bomb.csv", bomb, content_type="text/csv",
+                           headers={"Content-Encoding": "gzip"})
+    state = lane_run(url, tmp_path, max_unpacked_bytes=100_000)
+    assert state.source_problem == "download_failed"
+    assert url in (state.error or "")
+    assert "limit of 100000 bytes (MAX_UNPACKED_BYTES)" in (state.error or "")
+    assert state.cache is None and not list((tmp_path / "out").glob("cache*"))
+    assert not list((tmp_path / "work").rglob("download*.*"))
+
+
+def test_download_over_the_limit_is_refused(servers: Servers, tmp_path: Path) -> None:
+    url = servers.http.add("/bad/huge.csv", lane_csv(2000), content_type="text/csv")
+    state = lane_run(url, tmp_path, max_download_bytes=10_000)
+    assert state.source_problem == "download_failed"
+    assert url in (state.error or "")
+    assert "limit of 10000 bytes (MAX_DOWNLOAD_BYTES)" in (state.error or "")
+    assert state.cache is None and not list((tmp_path / "out").glob("cache*"))
 
 
 def test_path_traversal_member_is_refused(servers: Servers, tmp_path: Path) -> None:

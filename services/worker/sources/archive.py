@@ -4,7 +4,8 @@ Archives come from strangers, so extraction is defensive: a member may not land 
 extraction folder (absolute paths, ``..``, symlinks), and the bytes actually written are
 counted against ``max_unpacked_bytes`` (headers can lie about sizes). Every member is
 extracted, in archive order, so a chosen ``.shp`` finds its siblings and a ``.gdb`` folder is
-whole; nested ``.zip`` and ``.gz`` members are expanded in place, a few levels deep.
+whole; nested ``.zip`` and ``.gz`` members are expanded in place, a few levels deep. Hitting a
+limit (size, members, nesting) sets ``RunError.over_limit``: the run does not keep such data.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ class Budget:
         self.used_bytes += size_bytes
         if self.used_bytes > self.limit_bytes:
             raise RunError(
-                f"refusing {source}: it expands past the limit of {self.limit_bytes} bytes",
+                f"refusing {source}: it expands past the limit of {self.limit_bytes} bytes "
+                "(MAX_UNPACKED_BYTES)",
                 "download_failed",
+                over_limit=True,
             )
 
 
@@ -168,7 +171,9 @@ def _extract_zip(archive: Path, dest: Path, budget: Budget) -> list[Path]:
             infos = zf.infolist()
             if len(infos) > MAX_MEMBERS:
                 raise RunError(
-                    f"refusing {archive.name}: more than {MAX_MEMBERS} members", "download_failed"
+                    f"refusing {archive.name}: more than {MAX_MEMBERS} members",
+                    "download_failed",
+                    over_limit=True,
                 )
             for info in infos:
                 relative = _safe_member_path(info, archive)
@@ -226,6 +231,7 @@ def _expand_nested(files: Iterable[Path], budget: Budget, depth: int) -> list[Pa
             raise RunError(
                 f"refusing {path.name}: archives nested more than {MAX_NESTING} deep",
                 "download_failed",
+                over_limit=True,
             )
         if kind == "zip":
             folder = _free_name(path.with_suffix(""))

@@ -6,7 +6,8 @@ pagination; else ask for every object id and query the ids in chunks; else one p
 ``resultOffset`` (the same page again) is caught and dumped by ids instead.
 
 Each feature is written as one GeoJSON line as soon as its page arrives, so memory holds one
-page at a time; GDAL reads the ``.geojsonl`` file as a stream.
+page at a time; GDAL reads the ``.geojsonl`` file as a stream. A page is held within the size
+limits (its body on the wire and inflated), and so is the whole dump on disk.
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ from yarl import URL
 from services.worker.errors import RunError
 from services.worker.sources.guard import UrlPolicy, redact
 from services.worker.sources.http import (
+    DEFAULT_LIMITS,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUTS,
     Retry,
     RetryableError,
+    SizeLimits,
     Timeouts,
     make_session,
     open_response,
+    read_body,
     status_error,
     with_retries,
 )
@@ -167,11 +171,24 @@ def to_geojson_feature(feature: Mapping[str, Any]) -> JSON:
 
 
 class LineWriter:
-    """Writes features one per line, hashing and counting as it goes."""
+    """Writes features one per line, hashing and counting as it goes.
 
-    def __init__(self, out: BinaryIO, progress: Callable[[int], None] | None) -> None:
+    The dump is the run's download, so it may not grow past ``max_bytes`` (a server can page
+    for ever).
+    """
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        progress: Callable[[int], None] | None,
+        *,
+        shown: str = "the layer",
+        max_bytes: int = DEFAULT_LIMITS.max_download_bytes,
+    ) -> None:
         self._out = out
         self._progress = progress
+        self._shown = shown
+        self._max_bytes = max_bytes
         self.reset()
 
     def reset(self) -> None:
@@ -187,6 +204,13 @@ class LineWriter:
             + b"\n"
             for f in features
         )
+        if self.size_bytes + len(lines) > self._max_bytes:
+            raise RunError(
+                f"download failed, {self._shown}: the layer's features pass the limit of "
+                f"{self._max_bytes} bytes (MAX_DOWNLOAD_BYTES)",
+                "download_failed",
+                over_limit=True,
+            )
         self._out.write(lines)
         self.md5.update(lines)
         self.size_bytes += len(lines)
@@ -214,6 +238,7 @@ class LayerClient:
         policy: UrlPolicy,
         headers: Mapping[str, str],
         retry: Retry,
+        limits: SizeLimits = DEFAULT_LIMITS,
     ) -> None:
         parts = urlsplit(url)
         # A query string in the source URL (a token, a definition query) goes on every request.
@@ -224,6 +249,7 @@ class LayerClient:
         self._policy = policy
         self._headers = dict(headers)
         self._retry = retry
+        self._limits = limits
 
     async def get(self, path: str, params: Mapping[str, str], *, post: bool = False) -> JSON:
         url = self.layer_url + path
@@ -239,7 +265,8 @@ class LayerClient:
                 headers=self._headers,
                 data=query if post else None,
             ) as response:
-                body = await response.read()
+                # Bounded: a page is held in memory whole.
+                body = await read_body(response, self.shown, self._limits)
                 return self._parse(response, body)
 
         return await with_retries(attempt, self._retry, self.shown)
@@ -249,6 +276,12 @@ class LayerClient:
             data = json.loads(body)
         except ValueError:
             data = None
+        except RecursionError as exc:
+            # No layer nests its JSON hundreds deep; this is a broken or hostile server.
+            raise RunError(
+                f"download failed, {self.shown}: the answer is JSON nested too deeply to read",
+                "download_failed",
+            ) from exc
         if isinstance(data, dict) and isinstance(data.get("error"), dict):
             self._raise_arcgis_error(data["error"])
         if response.status >= 400:
@@ -345,7 +378,7 @@ class Dumper:
                 "/query", {"where": "1=1", "returnCountOnly": "true", "f": "json"}
             )
         except RunError as exc:
-            if exc.problem == "no_esri_token":
+            if exc.problem == "no_esri_token" or exc.over_limit:
                 raise
             log.warning("esri.count_failed", url=self.client.shown, error=str(exc))
             return None
@@ -393,7 +426,7 @@ class Dumper:
                 "/query", {"where": "1=1", "returnIdsOnly": "true", "f": "json"}
             )
         except RunError as exc:
-            if exc.problem == "no_esri_token":
+            if exc.problem == "no_esri_token" or exc.over_limit:
                 raise
             log.warning("esri.ids_failed", url=self.client.shown, error=str(exc))
             return None
@@ -449,9 +482,52 @@ async def dump_async(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
     max_page_size: int = DEFAULT_PAGE_SIZE,
+    limits: SizeLimits = DEFAULT_LIMITS,
+) -> EsriResult:
+    try:
+        return await _dump(
+            url,
+            dest,
+            policy=policy,
+            headers=headers,
+            out_fields=out_fields,
+            progress=progress,
+            timeouts=timeouts,
+            retry=retry,
+            max_page_size=max_page_size,
+            limits=limits,
+        )
+    except RecursionError as exc:
+        # Features nested just under the parser's limit can still be too deep to compare or
+        # write (each level is a recursion there too).
+        dest.unlink(missing_ok=True)
+        raise RunError(
+            f"download failed, {redact(url)}: the layer's features are nested too deeply",
+            "download_failed",
+        ) from exc
+    except RunError:
+        # Half a layer must not be mistaken for a dump later.
+        dest.unlink(missing_ok=True)
+        raise
+
+
+async def _dump(
+    url: str,
+    dest: Path,
+    *,
+    policy: UrlPolicy,
+    headers: Mapping[str, str] | None,
+    out_fields: Sequence[str] | None,
+    progress: Callable[[int], None] | None,
+    timeouts: Timeouts,
+    retry: Retry,
+    max_page_size: int,
+    limits: SizeLimits,
 ) -> EsriResult:
     async with make_session(policy, timeouts) as session:
-        client = LayerClient(session, url, policy=policy, headers=headers or {}, retry=retry)
+        client = LayerClient(
+            session, url, policy=policy, headers=headers or {}, retry=retry, limits=limits
+        )
         meta = await client.get("", {"f": "json"})
         if "layers" in meta and "fields" not in meta:
             raise RunError(
@@ -461,7 +537,10 @@ async def dump_async(
         layer = Layer.from_metadata(meta, out_fields, max_page_size)
         # Blocking writes of one page at a time; the loop has nothing else to do meanwhile.
         with dest.open("w+b") as out:
-            dumper = Dumper(client, layer, LineWriter(out, progress))
+            writer = LineWriter(
+                out, progress, shown=client.shown, max_bytes=limits.max_download_bytes
+            )
+            dumper = Dumper(client, layer, writer)
             expected = await dumper.count()
             await _run_strategy(dumper, expected)
             writer = dumper.writer
@@ -498,12 +577,15 @@ def dump(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
     max_page_size: int = DEFAULT_PAGE_SIZE,
+    limits: SizeLimits = DEFAULT_LIMITS,
 ) -> EsriResult:
     """Dump the layer at ``url`` to ``dest`` as GeoJSON lines in EPSG:4326 (blocking).
 
     Raises ``RunError``: ``no_esri_token`` for a token-protected layer, ``download_failed``
-    otherwise. A written count that differs from the server's count is logged, not raised:
-    the server's count is often off for live layers.
+    otherwise (``transient`` when the retries of a 5xx, throttling or network error were used
+    up; ``over_limit`` for a page or a dump past ``limits``). A written count that differs
+    from the server's count is logged, not raised: the server's count is often off for live
+    layers.
     """
     return asyncio.run(
         dump_async(
@@ -516,5 +598,6 @@ def dump(
             timeouts=timeouts,
             retry=retry,
             max_page_size=max_page_size,
+            limits=limits,
         )
     )

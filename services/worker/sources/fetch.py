@@ -20,13 +20,20 @@ from urllib.request import url2pathname
 from services.worker.errors import RunError
 from services.worker.sources import http
 from services.worker.sources.guard import UrlPolicy, check_url, is_local_path
-from services.worker.sources.http import DEFAULT_RETRY, DEFAULT_TIMEOUTS, Retry, Timeouts
+from services.worker.sources.http import (
+    DEFAULT_LIMITS,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUTS,
+    Retry,
+    SizeLimits,
+    Timeouts,
+)
 
 # esri and ftp are imported in their protocol branches: esri pulls in aiohttp (~0.12 s) and
 # ftp pulls in ftplib, which a run of a local file or an http URL does not need. http itself
 # imports aiohttp only when it downloads.
 
-__all__ = ["Conditional", "Download", "Retry", "Timeouts", "fetch"]
+__all__ = ["Conditional", "Download", "Retry", "SizeLimits", "Timeouts", "fetch"]
 
 DOWNLOAD_STEM = "download"
 ESRI_FILE = "esri.geojsonl"
@@ -83,11 +90,14 @@ def fetch(
     progress: Callable[[int], None] | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
+    limits: SizeLimits = DEFAULT_LIMITS,
 ) -> Download:
     """Download ``entry["data"]`` into ``workdir`` by ``entry["protocol"]``.
 
-    Raises ``RunError``: ``unknown_protocol``, ``download_failed`` (saying URL and status or
-    error), ``no_esri_token``.
+    Raises ``RunError``: ``unknown_protocol``, ``download_failed`` (saying URL and status,
+    error or size limit; see ``RunError.transient`` and ``RunError.over_limit``),
+    ``no_esri_token``. A local file (``process-one`` only) is copied whatever its size: the
+    person running it chose it.
     """
     url = entry.get("data")
     if not isinstance(url, str) or not url.strip():
@@ -115,13 +125,20 @@ def fetch(
             progress=progress,
             timeouts=timeouts,
             retry=retry,
+            limits=limits,
         )
     if protocol == "ftp":
         from services.worker.sources import ftp  # deferred, see the imports
 
         dest = workdir / (DOWNLOAD_STEM + _suffix_from_url(url, ".bin"))
         got = ftp.download(
-            url, dest, policy=policy, progress=progress, timeouts=timeouts, retry=retry
+            url,
+            dest,
+            policy=policy,
+            progress=progress,
+            timeouts=timeouts,
+            retry=retry,
+            limits=limits,
         )
         return Download(got.path, got.fingerprint, got.size_bytes, None, None, False, None)
     if protocol == "esri":
@@ -136,6 +153,7 @@ def fetch(
             progress=progress,
             timeouts=timeouts,
             retry=retry,
+            limits=limits,
         )
         return Download(
             dumped.path, dumped.fingerprint, dumped.size_bytes, None, None, False, esri.CONTENT_TYPE
@@ -168,6 +186,7 @@ def _fetch_http(
     progress: Callable[[int], None] | None,
     timeouts: Timeouts,
     retry: Retry,
+    limits: SizeLimits,
 ) -> Download:
     part = workdir / (DOWNLOAD_STEM + ".part")
     try:
@@ -182,6 +201,7 @@ def _fetch_http(
             progress=progress,
             timeouts=timeouts,
             retry=retry,
+            limits=limits,
         )
     except RunError:
         # A half-written body must not be mistaken for a download later.

@@ -3,6 +3,11 @@
 The body goes to disk chunk by chunk and is hashed on the way, so memory stays flat whatever
 the file size. Redirects are followed here rather than by aiohttp so every hop is checked
 against the URL policy (aiohttp connects to a literal address without asking the resolver).
+
+``Content-Encoding`` is undone here too, not by aiohttp: aiohttp inflates without any limit
+(a 4 MB gzip body became a 4 GiB file). We ask for ``gzip, deflate`` only, and count the bytes
+on the wire against ``max_download_bytes`` and the inflated bytes against
+``max_unpacked_bytes``, failing the run as soon as either is passed.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.metadata
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,12 @@ MAX_REDIRECTS = 10
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Statuses worth asking again: the server is overloaded or briefly broken.
 RETRY_STATUSES = frozenset({408, 425, 429})
+#: The only content codings we ask for, and so the only ones we accept.
+ACCEPT_ENCODING = "gzip, deflate"
+_CODINGS = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
+#: Most bytes one call to the inflater may produce: a 256 KiB chunk of a bomb inflates to
+#: ~256 MiB in one go otherwise, before any limit could be checked.
+INFLATE_STEP_BYTES = 1024 * 1024
 
 
 def _version() -> str:
@@ -83,9 +95,20 @@ class Retry:
         return float(min(self.backoff_s * 2 ** (failed_tries - 1), self.backoff_max_s))
 
 
+@dataclass(frozen=True)
+class SizeLimits:
+    """How large a download may get (settings MAX_DOWNLOAD_BYTES and MAX_UNPACKED_BYTES)."""
+
+    #: Bytes received on the wire (FTP: the file; ESRI: each page and the whole dump).
+    max_download_bytes: int = 10 * 1024**3
+    #: Bytes a ``Content-Encoding: gzip/deflate`` body may inflate to.
+    max_unpacked_bytes: int = 20 * 1024**3
+
+
 # Frozen, so one shared default instance is safe.
 DEFAULT_TIMEOUTS = Timeouts()
 DEFAULT_RETRY = Retry()
+DEFAULT_LIMITS = SizeLimits()
 
 
 @dataclass(frozen=True)
@@ -111,12 +134,14 @@ def make_session(policy: UrlPolicy, timeouts: Timeouts) -> aiohttp.ClientSession
 
     connector = aiohttp.TCPConnector(**connector_kwargs(policy))
     # trust_env stays off: a proxy from the environment would connect on our behalf and
-    # bypass the address check.
+    # bypass the address check. auto_decompress stays off: see the top of the module. Without
+    # our own Accept-Encoding aiohttp would offer br and zstd when their libraries are there.
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeouts.client_timeout(),
-        headers={"User-Agent": USER_AGENT},
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
         trust_env=False,
+        auto_decompress=False,
     )
 
 
@@ -201,7 +226,9 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], retry: Retry, what: 
             failures += 1
             if failures >= retry.tries:
                 raise RunError(
-                    f"download failed after {failures} tries, {exc}", "download_failed"
+                    f"download failed after {failures} tries, {exc}",
+                    "download_failed",
+                    transient=True,
                 ) from exc
             delay_s = retry.delay_s(failures)
             log.warning(
@@ -210,14 +237,167 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], retry: Retry, what: 
             await asyncio.sleep(delay_s)
 
 
+class BodyDecoder:
+    """Undoes a response's ``Content-Encoding`` chunk by chunk, within the size limits.
+
+    ``feed`` takes the bytes as they arrive on the wire and yields the decoded ones; ``finish``
+    yields what the inflater still held. The fingerprint of a download is the md5 of the
+    decoded bytes, exactly as it was when aiohttp decoded them: a deflate body is zlib-wrapped
+    or raw (many servers send raw), told apart by its first byte as aiohttp did.
+    """
+
+    def __init__(self, url: str, content_encoding: str | None, limits: SizeLimits) -> None:
+        self.shown = redact(url)
+        self.limits = limits
+        self.coding = _coding(self.shown, content_encoding)
+        self.wire_bytes = 0
+        self.decoded_bytes = 0
+        self._inflater: zlib._Decompress | None = None
+        self._trailing_warned = False
+
+    def check_length(self, content_length: int | None) -> None:
+        """Fail before reading a body whose announced length is over the download limit."""
+        if content_length is not None and content_length > self.limits.max_download_bytes:
+            raise self._too_large(f"announces {content_length} bytes, over")
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        if not chunk:
+            return
+        self.wire_bytes += len(chunk)
+        if self.wire_bytes > self.limits.max_download_bytes:
+            raise self._too_large("is larger than")
+        if self.coding is None:
+            self.decoded_bytes += len(chunk)
+            yield chunk
+            return
+        inflater = self._inflater
+        if inflater is None:
+            inflater = self._inflater = zlib.decompressobj(_wbits(self.coding, chunk))
+        pending = chunk
+        while True:
+            if inflater.eof:
+                self._ignore_trailing(pending or inflater.unused_data)
+                return
+            try:
+                out = inflater.decompress(pending, INFLATE_STEP_BYTES)
+            except zlib.error as exc:
+                raise self._corrupt(exc) from exc
+            yield self._counted(out)
+            pending = inflater.unconsumed_tail
+            # A full step may leave output inside the inflater even when the input is used up.
+            if not pending and len(out) < INFLATE_STEP_BYTES:
+                return
+
+    def finish(self) -> Iterator[bytes]:
+        inflater = self._inflater
+        if inflater is None:
+            return
+        try:
+            rest = inflater.flush()
+        except zlib.error as exc:
+            raise self._corrupt(exc) from exc
+        if rest:
+            yield self._counted(rest)
+        if not inflater.eof:
+            # The HTTP body was complete (aiohttp checks its length), the stream inside not:
+            # what a connection cut inside a proxy looks like, so worth another try.
+            raise RetryableError(f"{self.shown}: the {self.coding}-encoded body is truncated")
+        self._ignore_trailing(inflater.unused_data)
+
+    def _counted(self, out: bytes) -> bytes:
+        self.decoded_bytes += len(out)
+        if self.decoded_bytes > self.limits.max_unpacked_bytes:
+            raise RunError(
+                f"download failed, {self.shown}: the {self.coding}-encoded body inflates past "
+                f"the limit of {self.limits.max_unpacked_bytes} bytes (MAX_UNPACKED_BYTES)",
+                "download_failed",
+                over_limit=True,
+            )
+        return out
+
+    def _corrupt(self, exc: zlib.error) -> RunError:
+        # Not retried: the HTTP body arrived whole, so the server sends broken data.
+        return RunError(
+            f"download failed, {self.shown}: the {self.coding}-encoded body is corrupt ({exc})",
+            "download_failed",
+        )
+
+    def _too_large(self, what: str) -> RunError:
+        return RunError(
+            f"download failed, {self.shown}: the body {what} the limit of "
+            f"{self.limits.max_download_bytes} bytes (MAX_DOWNLOAD_BYTES)",
+            "download_failed",
+            over_limit=True,
+        )
+
+    def _ignore_trailing(self, data: bytes) -> None:
+        # As aiohttp did: only the first gzip member or deflate stream is the body.
+        if data and not self._trailing_warned:
+            self._trailing_warned = True
+            log.warning("download.trailing_data_ignored", url=self.shown, coding=self.coding)
+
+
+def _coding(shown: str, content_encoding: str | None) -> str | None:
+    """``gzip``, ``deflate`` or None (identity) from a Content-Encoding header."""
+    codings = [
+        part.strip().lower()
+        for part in (content_encoding or "").split(",")
+        if part.strip().lower() not in ("", "identity")
+    ]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in _CODINGS:
+        return _CODINGS[codings[0]]
+    raise RunError(
+        f"download failed, {shown}: the server sent Content-Encoding {content_encoding!r}, "
+        f"which we did not ask for (only {ACCEPT_ENCODING}) and cannot decode",
+        "download_failed",
+    )
+
+
+def _wbits(coding: str, first_chunk: bytes) -> int:
+    if coding == "gzip":
+        return 16 + zlib.MAX_WBITS
+    # RFC 1950: the low four bits of a zlib header's first byte are 8 (deflate); a raw deflate
+    # stream is what many servers send as "deflate".
+    return zlib.MAX_WBITS if first_chunk[0] & 0x0F == 8 else -zlib.MAX_WBITS
+
+
+async def decoded_body(
+    response: aiohttp.ClientResponse, url: str, limits: SizeLimits
+) -> AsyncIterator[bytes]:
+    """The response's body with its Content-Encoding undone, within ``limits``.
+
+    Raises ``RunError`` (``download_failed``) for a body over a limit (``over_limit``), an
+    encoding we cannot decode, or a corrupt encoded body.
+    """
+    decoder = BodyDecoder(url, response.headers.get("Content-Encoding"), limits)
+    decoder.check_length(response.content_length)
+    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        for piece in decoder.feed(chunk):
+            if piece:
+                yield piece
+    for piece in decoder.finish():
+        yield piece
+
+
+async def read_body(response: aiohttp.ClientResponse, url: str, limits: SizeLimits) -> bytes:
+    """The whole decoded body in memory (for JSON answers), within ``limits``."""
+    return b"".join([piece async for piece in decoded_body(response, url, limits)])
+
+
 async def _stream_to(
-    response: aiohttp.ClientResponse, dest: Path, progress: Callable[[int], None] | None
+    response: aiohttp.ClientResponse,
+    url: str,
+    dest: Path,
+    limits: SizeLimits,
+    progress: Callable[[int], None] | None,
 ) -> tuple[str, int]:
     md5 = hashlib.md5(usedforsecurity=False)
     size_bytes = 0
     # Blocking writes of a quarter megabyte are short; a thread per chunk would cost more.
     with dest.open("wb") as out:
-        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        async for chunk in decoded_body(response, url, limits):
             out.write(chunk)
             md5.update(chunk)
             size_bytes += len(chunk)
@@ -238,6 +418,7 @@ async def download_async(
     progress: Callable[[int], None] | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
+    limits: SizeLimits = DEFAULT_LIMITS,
 ) -> HttpResult:
     """Download ``url`` to ``dest``; see ``download`` for the contract."""
     request_headers = dict(headers or {})
@@ -267,7 +448,7 @@ async def download_async(
                     )
                 if not 200 <= response.status < 300:
                     raise status_error(url, response)
-                fingerprint, size_bytes = await _stream_to(response, dest, progress)
+                fingerprint, size_bytes = await _stream_to(response, url, dest, limits, progress)
                 return HttpResult(
                     dest,
                     fingerprint,
@@ -278,7 +459,12 @@ async def download_async(
                     response.headers.get("Content-Type"),
                 )
 
-        return await with_retries(attempt, retry, redact(url))
+        try:
+            return await with_retries(attempt, retry, redact(url))
+        except RunError:
+            # A half-written body must not be mistaken for a download later.
+            dest.unlink(missing_ok=True)
+            raise
 
 
 def download(
@@ -293,13 +479,16 @@ def download(
     progress: Callable[[int], None] | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
+    limits: SizeLimits = DEFAULT_LIMITS,
 ) -> HttpResult:
     """Download ``url`` to ``dest`` (blocking; runs its own event loop).
 
     5xx, throttling statuses, connection errors and timeouts are retried with exponential
-    backoff; other 4xx fail at once. With ``if_none_match``/``if_modified_since`` a 304 answer
-    gives ``not_modified=True`` and leaves ``dest`` untouched. Raises ``RunError`` with
-    ``download_failed`` saying the URL and the status or error.
+    backoff (``RunError.transient`` once the tries are used up); other 4xx fail at once. With
+    ``if_none_match``/``if_modified_since`` a 304 answer gives ``not_modified=True`` and leaves
+    ``dest`` untouched. A gzip or deflate ``Content-Encoding`` is undone; a body past
+    ``limits`` fails at once (``RunError.over_limit``) and ``dest`` is removed. Raises
+    ``RunError`` with ``download_failed`` saying the URL and the status, error or limit.
     """
     return asyncio.run(
         download_async(
@@ -313,5 +502,6 @@ def download(
             progress=progress,
             timeouts=timeouts,
             retry=retry,
+            limits=limits,
         )
     )

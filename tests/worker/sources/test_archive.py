@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from services.worker.errors import RunError
+from services.worker.sources import archive
 from services.worker.sources.archive import detect_compression, unpack
 
 LIMIT = 10_000_000
@@ -156,6 +157,7 @@ def test_truncated_zip_is_a_clear_error(tmp_path: Path) -> None:
         run(download, tmp_path, {"format": "csv"}, compression="zip")
     assert caught.value.problem == "download_failed"
     assert "truncated or corrupt" in str(caught.value)
+    assert not caught.value.over_limit  # a broken archive is worth keeping to look at
 
 
 def test_corrupt_member_data_is_a_clear_error(tmp_path: Path) -> None:
@@ -181,15 +183,25 @@ def test_zip_bomb_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RunError) as caught:
         run(download, tmp_path, {"format": "csv"}, max_unpacked_bytes=1_000_000)
     assert caught.value.problem == "download_failed" and "1000000 bytes" in str(caught.value)
+    assert caught.value.over_limit  # so the run does not keep the bomb as its cache
     written = sum(p.stat().st_size for p in (tmp_path / "work").rglob("*") if p.is_file())
     assert written <= 1_000_000 + 1024 * 1024  # stopped within one block of the limit
+
+
+def test_too_many_members_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive, "MAX_MEMBERS", 3)
+    download = make_zip(tmp_path / "download.zip", {f"{i}.csv": CSV for i in range(4)})
+    with pytest.raises(RunError, match="more than 3 members") as caught:
+        run(download, tmp_path, {"format": "csv"})
+    assert caught.value.problem == "download_failed" and caught.value.over_limit
 
 
 def test_nested_bomb_counts_every_level(tmp_path: Path) -> None:
     inner = zip_bytes({"a.csv": bytes(600_000)})
     download = make_zip(tmp_path / "download.zip", {"one.zip": inner, "b.csv": bytes(600_000)})
-    with pytest.raises(RunError, match="expands past"):
+    with pytest.raises(RunError, match="expands past") as caught:
         run(download, tmp_path, {"format": "csv"}, max_unpacked_bytes=1_000_000)
+    assert caught.value.over_limit
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,9 @@ from services.worker.sources import esri
 from services.worker.sources.esri import to_geojson_geometry
 from services.worker.sources.fetch import fetch
 from services.worker.sources.guard import UrlPolicy
-from services.worker.sources.http import Retry, Timeouts
+from services.worker.sources.http import Retry, SizeLimits, Timeouts
 from tests.support.arcgis import OID, TOKEN, FakeArcGIS, FakeLayer, point_feature
+from tests.support.dataserver import DataServer
 
 LOCAL = UrlPolicy(allow_private=True)
 QUICK = Retry(tries=3, backoff_s=0.01)
@@ -243,3 +244,77 @@ def test_service_url_instead_of_layer_is_a_clear_error(arcgis: FakeArcGIS, tmp_p
     url = arcgis.layer_url("whatever").removesuffix("/0")
     with pytest.raises(RunError, match="is a service, not a layer"):
         dump(url, tmp_path)
+
+
+# --- encoded pages, size limits, hostile answers ------------------------------------------
+
+
+def test_gzip_encoded_pages_give_the_same_dump(arcgis: FakeArcGIS, tmp_path: Path) -> None:
+    plain_url = arcgis.add_layer("plainpages", FakeLayer(points(5), max_record_count=2))
+    url = arcgis.add_layer("gzippages", FakeLayer(points(5), max_record_count=2, gzip=True))
+    plain, _ = dump(plain_url, tmp_path)
+    got, features = dump(url, tmp_path)
+    assert oids(features) == [1, 2, 3, 4, 5]
+    assert got.fingerprint == plain.fingerprint
+    sent = [r for r in arcgis.requests if "/gzippages/" in r.path]
+    assert sent and all(r.headers["Accept-Encoding"] == "gzip, deflate" for r in sent)
+
+
+def test_page_inflating_past_the_limit_fails(arcgis: FakeArcGIS, tmp_path: Path) -> None:
+    url = arcgis.add_layer("inflating", FakeLayer(points(5), gzip=True))
+    with pytest.raises(RunError) as caught:
+        dump(url, tmp_path, limits=SizeLimits(max_unpacked_bytes=300))
+    error = caught.value
+    assert error.problem == "download_failed" and error.over_limit and not error.transient
+    assert "limit of 300 bytes (MAX_UNPACKED_BYTES)" in str(error)
+    assert not (tmp_path / "esri.geojsonl").exists()
+
+
+def test_page_over_the_download_limit_fails(arcgis: FakeArcGIS, tmp_path: Path) -> None:
+    url = arcgis.add_layer("bigpage", FakeLayer(points(5)))
+    with pytest.raises(RunError) as caught:
+        dump(url, tmp_path, limits=SizeLimits(max_download_bytes=100))
+    assert caught.value.over_limit
+    assert "limit of 100 bytes (MAX_DOWNLOAD_BYTES)" in str(caught.value)
+
+
+def test_dump_over_the_download_limit_fails(arcgis: FakeArcGIS, tmp_path: Path) -> None:
+    # Pages of 5 features are ~720 bytes; the 30 features as GeoJSON lines ~4,300.
+    url = arcgis.add_layer("longdump", FakeLayer(points(30), max_record_count=5))
+    with pytest.raises(RunError) as caught:
+        dump(url, tmp_path, limits=SizeLimits(max_download_bytes=2000))
+    error = caught.value
+    assert error.over_limit and "limit of 2000 bytes (MAX_DOWNLOAD_BYTES)" in str(error)
+    assert "features pass" in str(error)
+    assert not (tmp_path / "esri.geojsonl").exists()
+    assert len([q for q in arcgis.queries("longdump") if "resultOffset" in q]) < 6
+
+
+def test_server_errors_past_the_retries_are_transient(arcgis: FakeArcGIS, tmp_path: Path) -> None:
+    url = arcgis.add_layer("down", FakeLayer(points(2), failures=[503] * 10))
+    with pytest.raises(RunError) as caught:
+        dump(url, tmp_path)
+    error = caught.value
+    assert error.problem == "download_failed" and error.transient
+    assert "after 3 tries" in str(error) and "503" in str(error)
+
+
+def test_page_nested_absurdly_deep_fails_clearly(tmp_path: Path) -> None:
+    deep = b"[" * 200_000 + b"]" * 200_000
+    with DataServer().running() as server:
+        url = server.add("/arcgis/rest/services/deep/FeatureServer/0", deep)
+        with pytest.raises(RunError) as caught:
+            dump(url, tmp_path)
+        assert server.count("/arcgis/rest/services/deep/FeatureServer/0") == 1
+    error = caught.value
+    assert error.problem == "download_failed" and not error.transient
+    assert "nested too deeply" in str(error) and url in str(error)
+
+
+def test_unknown_content_encoding_of_a_page_fails_clearly(tmp_path: Path) -> None:
+    with DataServer().running() as server:
+        url = server.add(
+            "/arcgis/rest/services/br/FeatureServer/0", b"{}", headers={"Content-Encoding": "br"}
+        )
+        with pytest.raises(RunError, match="Content-Encoding 'br'"):
+            dump(url, tmp_path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from services.worker.errors import RunError
 from services.worker.sources.fetch import Conditional, Download, fetch
 from services.worker.sources.guard import UrlPolicy
-from services.worker.sources.http import Retry, Timeouts
+from services.worker.sources.http import Retry, SizeLimits, Timeouts
 from tests.support.dataserver import DataServer
 
 LOCAL = UrlPolicy(allow_private=True)
@@ -170,3 +172,136 @@ def test_redirect_to_a_file_url_is_refused(server: DataServer, tmp_path: Path) -
     with pytest.raises(RunError, match="redirected to a file URL"):
         get(url, tmp_path, policy=UrlPolicy(allow_private=True, allow_files=True))
     assert not list(tmp_path.glob("download*"))
+
+
+# --- Content-Encoding and size limits ------------------------------------------------------
+
+#: Compresses well but not trivially, and spans several 256 KiB wire chunks once inflated.
+PLAIN = b"number,street\n" + b"".join(b"%d,Main St\n" % i for i in range(200_000))
+
+
+def raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+def no_download_left(workdir: Path) -> bool:
+    return not list(workdir.glob("download*"))
+
+
+@pytest.mark.parametrize(
+    ("coding", "encode"),
+    [
+        ("gzip", gzip.compress),
+        ("x-gzip", gzip.compress),
+        ("deflate", zlib.compress),  # zlib-wrapped, as RFC 9110 says
+        ("deflate", raw_deflate),  # raw, as many servers send it
+    ],
+    ids=["gzip", "x-gzip", "deflate-zlib", "deflate-raw"],
+)
+def test_encoded_body_downloads_to_the_same_bytes_and_fingerprint(
+    server: DataServer, tmp_path: Path, coding: str, encode: Any
+) -> None:
+    plain_url = server.add("/enc/plain.csv", PLAIN, content_type="text/csv")
+    url = server.add(
+        f"/enc/{coding}-{encode.__name__}.csv",
+        encode(PLAIN),
+        content_type="text/csv",
+        headers={"Content-Encoding": coding},
+    )
+    plain = get(plain_url, tmp_path / "plain")
+    got = get(url, tmp_path / "encoded")
+    assert got.path.read_bytes() == PLAIN
+    assert got.fingerprint == plain.fingerprint == hashlib.md5(PLAIN).hexdigest()
+    assert got.size_bytes == len(PLAIN)
+    assert server.requests[-1].headers["Accept-Encoding"] == "gzip, deflate"
+
+
+def test_gzip_body_inflating_past_the_limit_fails(server: DataServer, tmp_path: Path) -> None:
+    bomb = gzip.compress(bytes(50_000_000))
+    assert len(bomb) < 100_000
+    url = server.add("/enc/bomb.csv", bomb, headers={"Content-Encoding": "gzip"})
+    with pytest.raises(RunError) as caught:
+        get(url, tmp_path, limits=SizeLimits(max_unpacked_bytes=1_000_000))
+    error = caught.value
+    assert error.problem == "download_failed" and error.over_limit and not error.transient
+    assert url in str(error)
+    assert "limit of 1000000 bytes (MAX_UNPACKED_BYTES)" in str(error)
+    assert no_download_left(tmp_path)
+    assert server.count("/enc/bomb.csv") == 1  # a limit is final: no retries
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_over_the_download_limit_fails(
+    server: DataServer, tmp_path: Path, chunked: bool
+) -> None:
+    url = server.add(f"/big-{chunked}.csv", PLAIN, chunked=chunked)
+    with pytest.raises(RunError) as caught:
+        get(url, tmp_path, limits=SizeLimits(max_download_bytes=500_000))
+    error = caught.value
+    assert error.problem == "download_failed" and error.over_limit
+    assert url in str(error) and "limit of 500000 bytes (MAX_DOWNLOAD_BYTES)" in str(error)
+    assert no_download_left(tmp_path)
+
+
+def test_encoded_body_counts_its_wire_bytes(server: DataServer, tmp_path: Path) -> None:
+    encoded = gzip.compress(PLAIN)
+    url = server.add("/enc/wire.csv", encoded, headers={"Content-Encoding": "gzip"}, chunked=True)
+    limit = len(encoded) // 2
+    with pytest.raises(RunError, match=f"limit of {limit} bytes \\(MAX_DOWNLOAD_BYTES\\)"):
+        get(url, tmp_path, limits=SizeLimits(max_download_bytes=limit))
+    assert no_download_left(tmp_path)
+    # Within both limits it is fine: the inflated size counts against the unpacked limit only.
+    got = get(url, tmp_path, limits=SizeLimits(len(encoded), len(PLAIN)))
+    assert got.path.read_bytes() == PLAIN
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip"])
+def test_unknown_content_encoding_fails_clearly(
+    server: DataServer, tmp_path: Path, coding: str
+) -> None:
+    url = server.add(
+        f"/enc/{coding}.csv", b"\x00\x01 not for us", headers={"Content-Encoding": coding}
+    )
+    with pytest.raises(RunError) as caught:
+        get(url, tmp_path)
+    error = caught.value
+    assert error.problem == "download_failed" and not error.transient
+    assert f"Content-Encoding {coding!r}" in str(error) and url in str(error)
+    assert no_download_left(tmp_path)
+
+
+def test_corrupt_gzip_body_fails_at_once(server: DataServer, tmp_path: Path) -> None:
+    url = server.add(
+        "/enc/corrupt.csv", b"\x1f\x8b" + b"\xff" * 100, headers={"Content-Encoding": "gzip"}
+    )
+    with pytest.raises(RunError, match="gzip-encoded body is corrupt"):
+        get(url, tmp_path)
+    assert server.count("/enc/corrupt.csv") == 1
+    assert no_download_left(tmp_path)
+
+
+def test_truncated_gzip_body_is_retried_then_transient(server: DataServer, tmp_path: Path) -> None:
+    whole = gzip.compress(PLAIN)
+    url = server.add("/enc/cut.csv", whole[: len(whole) // 2], headers={"Content-Encoding": "gzip"})
+    with pytest.raises(RunError) as caught:
+        get(url, tmp_path)
+    assert "truncated" in str(caught.value) and caught.value.transient
+    assert server.count("/enc/cut.csv") == QUICK.tries
+    assert no_download_left(tmp_path)
+
+
+# --- transient or not ------------------------------------------------------------------------
+
+
+def test_retries_used_up_on_5xx_are_transient(server: DataServer, tmp_path: Path) -> None:
+    url = server.add("/always-503.csv", b"", failures=[503] * 10)
+    with pytest.raises(RunError) as caught:
+        get(url, tmp_path)
+    assert caught.value.transient and not caught.value.over_limit
+
+
+def test_404_is_not_transient(server: DataServer, tmp_path: Path) -> None:
+    with pytest.raises(RunError) as caught:
+        get(server.url("/nothing-here.csv"), tmp_path)
+    assert not caught.value.transient

@@ -1,0 +1,176 @@
+"""Queueing runs: the one place that turns open runs into tasks on the `tasks` queue.
+
+A run is *unqueued* while it is open and ``queued_at`` is NULL: new (a push, a batch set), handed
+back by a stopping worker, presumed lost, or waiting for a retry whose time has come. Whoever
+wants runs queued (the webhook for the job it just created, the dequeuer's sweep for everything
+else) calls :func:`dispatch`, which
+
+1. *claims* a batch of unqueued runs in one statement (``queued_at = now()`` under ``FOR UPDATE
+   SKIP LOCKED``), so two dispatchers never queue the same run twice;
+2. publishes a task for each, with the run's current ``attempt``;
+3. gives back the claim of every run it could not publish (the broker is down), so the next
+   sweep queues them. A process that dies between 1 and 3 leaves runs that look queued but are
+   not: the dequeuer finds those by their missing heartbeat once the queue has drained
+   (``unseen_since``, see ``services/dequeuer/recovery.py``).
+
+Job runs go before batch-set runs, oldest first, so a contributor's pull request does not wait
+behind the weekly set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from shared.broker import Broker, PublishError
+from shared.errors import SourceError
+from shared.jobs import settle_job
+from shared.logging import get_logger
+from shared.messages import EXCHANGE_TASKS, ROUTE_TASK, PreviousRun, Task
+from shared.sources import entry_timeout_s, get_entry
+
+log = get_logger(__name__)
+
+#: Runs claimed and published per round.
+BATCH = 200
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    """What a call of :func:`dispatch` did."""
+
+    queued: int
+    #: Runs left unqueued because the broker did not take their task.
+    left: int = 0
+    #: Runs failed at once because their entry cannot be run at all.
+    failed: int = 0
+
+
+async def dispatch(
+    pool: asyncpg.Pool,
+    broker: Broker,
+    *,
+    run_timeout_s: float,
+    public_base_url: str,
+    job_id: int | None = None,
+    limit: int = BATCH,
+) -> DispatchResult:
+    """Queue up to ``limit`` unqueued runs (only those of ``job_id`` when given)."""
+    if not broker.ready:
+        # Nothing would be published; leave the runs unqueued at once instead of waiting for
+        # the broker on every one of them (GitHub gives up on a webhook after 10 s).
+        log.info("runs.queue_deferred", reason="broker not connected", job_id=job_id)
+        return DispatchResult(0)
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            """
+            UPDATE runs SET queued_at = now(), unseen_since = NULL
+            WHERE id IN (
+                SELECT id FROM runs
+                WHERE status IS NULL AND queued_at IS NULL
+                  AND (retry_at IS NULL OR retry_at <= now())
+                  AND ($1::bigint IS NULL OR job_id = $1)
+                ORDER BY (job_id IS NULL), id
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING id, job_id, set_id, source_path, layer, entry_name, commit_sha, source,
+                      attempt
+            """,
+            job_id, limit,
+        )
+    rows = sorted(rows, key=lambda row: (row["job_id"] is None, row["id"]))
+    queued = failed = 0
+    for index, row in enumerate(rows):
+        try:
+            task = await _task_for(pool, row, run_timeout_s)
+        except SourceError as exc:
+            await _fail(pool, row, exc, public_base_url)
+            failed += 1
+            continue
+        try:
+            await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, task)
+        except PublishError as exc:
+            left = [other["id"] for other in rows[index:]]
+            await _unclaim(pool, left)
+            log.warning("runs.queue_failed", runs=len(left), error=str(exc))
+            return DispatchResult(queued, len(left), failed)
+        queued += 1
+        log.info("run.queued", run_id=row["id"], job_id=row["job_id"], set_id=row["set_id"],
+                 source=row["source_path"], layer=row["layer"], entry=row["entry_name"],
+                 attempt=row["attempt"])
+    return DispatchResult(queued, 0, failed)
+
+
+async def _task_for(pool: asyncpg.Pool, row: asyncpg.Record, run_timeout_s: float) -> Task:
+    source = row["source"]
+    if not isinstance(source, dict):
+        raise SourceError("the run has no source to process")
+    entry = get_entry(source, row["layer"], row["entry_name"])
+    return Task(
+        run_id=row["id"], job_id=row["job_id"], set_id=row["set_id"], attempt=row["attempt"],
+        source_path=row["source_path"], layer=row["layer"], entry_name=row["entry_name"],
+        commit_sha=row["commit_sha"], source=source,
+        timeout_s=entry_timeout_s(entry, run_timeout_s),
+        previous=await previous_run(pool, row["source_path"], row["layer"], entry),
+    )
+
+
+async def _unclaim(pool: asyncpg.Pool, run_ids: list[int]) -> None:
+    # Best effort: if the database is gone too, the unseen-task sweep finds these runs later.
+    try:
+        await pool.execute(
+            "UPDATE runs SET queued_at = NULL WHERE id = ANY($1::bigint[]) AND status IS NULL",
+            run_ids,
+        )
+    except Exception as exc:
+        log.warning("runs.unclaim_failed", runs=len(run_ids), error=repr(exc))
+
+
+async def _fail(
+    pool: asyncpg.Pool, row: asyncpg.Record, exc: SourceError, public_base_url: str
+) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        settled = await conn.fetchval(
+            """
+            UPDATE runs SET status = 'failure', source_problem = $2, error = $3,
+                   finished_at = now(), queued_at = NULL
+            WHERE id = $1 AND status IS NULL RETURNING job_id
+            """,
+            row["id"], exc.problem, str(exc),
+        )
+        if settled is not None:
+            await settle_job(conn, settled, public_base_url)
+    log.error("run.failed", run_id=row["id"], problem=exc.problem, error=str(exc))
+
+
+async def previous_run(
+    pool: asyncpg.Pool, source_path: str, layer: str, entry: dict[str, Any]
+) -> PreviousRun | None:
+    """The latest successful run of this entry if the entry is unchanged since, else None.
+
+    Only an identical entry qualifies: a changed conform must be re-run even on the same data.
+    """
+    row = await pool.fetchrow(
+        """
+        SELECT id, source, entry_name, outputs, state, fingerprint, etag, last_modified
+        FROM runs
+        WHERE source_path = $1 AND layer = $2 AND entry_name = $3 AND status = 'success'
+        ORDER BY finished_at DESC LIMIT 1
+        """,
+        source_path, layer, entry["name"],
+    )
+    if row is None or row["source"] is None:
+        return None
+    try:
+        earlier = get_entry(row["source"], layer, row["entry_name"])
+    except SourceError:
+        return None
+    if earlier != entry:
+        return None
+    return PreviousRun(
+        run_id=row["id"], fingerprint=row["fingerprint"], etag=row["etag"],
+        last_modified=row["last_modified"], outputs=row["outputs"], state=row["state"],
+    )
