@@ -80,6 +80,7 @@ from typing import Any, Generic, TypeVar
 
 import aio_pika
 import structlog
+from aio_pika.connection import make_url
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -263,20 +264,21 @@ class Broker:
     async def _open(self) -> None:
         backoff = Backoff(first_s=0.5, max_s=RECONNECT_INTERVAL_S * 5)
         while not self._closed.is_set():
-            connection: AbstractRobustConnection | None = None
+            # Made here rather than by connect_robust() so that a failed first attempt can be
+            # closed (an unclosed connection object warns when collected).
+            connection: AbstractRobustConnection = aio_pika.RobustConnection(
+                make_url(self._url), reconnect_interval=RECONNECT_INTERVAL_S
+            )
             try:
-                connection = await aio_pika.connect_robust(
-                    self._url, reconnect_interval=RECONNECT_INTERVAL_S
-                )
+                await connection.connect()
                 channel = await connection.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
                 self._exchanges = await declare_topology(channel)
-            except Exception as exc:
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await connection.close()
-                if not is_outage(exc):
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                if not isinstance(exc, Exception) or not is_outage(exc):
                     raise
                 delay_s = backoff.next_delay_s()
                 self.last_trouble_at = time.monotonic()

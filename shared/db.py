@@ -141,7 +141,8 @@ async def migrate(url: str) -> list[str]:
     return applied_now
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Give a connection the codecs every pool connection has (json/jsonb as Python values)."""
     # Without codecs asyncpg hands json/jsonb over as text; with them Python values go in and
     # come out, and every service sees the same shapes.
     for type_name in ("json", "jsonb"):
@@ -163,7 +164,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
     until it is back, and the pool replaces connections the server dropped.
     """
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection,
+        url, min_size=min_size, max_size=max_size, init=init_connection,
         timeout=CONNECT_TIMEOUT_S,
     )
     return pool

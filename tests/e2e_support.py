@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from services.dequeuer.service import Dequeuer
 from services.webhook.app import create_app
+from services.webhook.keys import BROKER
 from services.worker.consumer import Worker
 from shared.broker import Broker
 from shared.config import Settings
@@ -71,9 +72,11 @@ class System:
 @asynccontextmanager
 async def running_system(settings: Settings) -> AsyncIterator[System]:
     """The webhook on a real loopback port, plus a worker and a dequeuer, all real."""
-    server = TestServer(create_app(settings), host="127.0.0.1")
+    app = create_app(settings)
+    server = TestServer(app, host="127.0.0.1")
     client = TestClient(server)
     await client.start_server()
+    await app[BROKER].wait_ready(timeout_s=30)
     worker_broker = await Broker.connect(settings.amqp_url)
     dequeuer_broker = await Broker.connect(settings.amqp_url, prefetch=8)
     github = GitHub.open(settings.github_api_url, None)

@@ -23,6 +23,7 @@ from services.demo.demo import (
     start_stand_ins,
 )
 from services.webhook.app import create_app
+from services.webhook.keys import BROKER
 from services.worker.isolation import Limits, RunRequest, run_isolated
 from shared.broker import Broker
 from shared.config import Settings
@@ -50,8 +51,10 @@ async def webhook_url(
     app_settings = settings.model_copy(update={
         "github_api_url": demo.github.url, "webhook_secrets": [SecretStr(demo.secret)],
     })
-    server = TestServer(create_app(app_settings), host="127.0.0.1")
+    app = create_app(app_settings)
+    server = TestServer(app, host="127.0.0.1")
     await server.start_server()
+    await app[BROKER].wait_ready(timeout_s=30)
     try:
         yield str(server.make_url("/"))
     finally:

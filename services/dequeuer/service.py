@@ -71,6 +71,8 @@ class Dequeuer:
         self._wake = asyncio.Event()
         #: Last outage this process saw in its own chores (monotonic clock).
         self._last_trouble_at = time.monotonic()
+        #: The metrics and health server, once :meth:`run` has started it.
+        self.probes: ProbeServer | None = None
 
     async def on_done(self, message: Message) -> None:
         """Handle one message from the `done` queue: a result, a heartbeat or a hand-back."""
@@ -143,6 +145,7 @@ class Dequeuer:
                     routes={"/scaling": self.scaling_view},
                 )
                 await stack.enter_async_context(server)
+                self.probes = server
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.broker.consume(
                     QUEUE_DONE, self.on_done, accept=(Done, Heartbeat, Returned)))

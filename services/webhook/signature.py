@@ -27,3 +27,25 @@ def verify_signature(body: bytes, header: str | None, secrets: Sequence[str]) ->
         # No early exit: the time taken does not reveal which secret matched.
         matched |= hmac.compare_digest(sign(body, secret), header)
     return matched
+
+
+class SignatureCheck:
+    """:func:`verify_signature` fed chunk by chunk, so a body is checked as it arrives and a
+    refused one never has to be held whole."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        self._macs = [hmac.new(secret.encode(), digestmod=hashlib.sha256) for secret in secrets]
+
+    def update(self, chunk: bytes) -> None:
+        """Add the next part of the body."""
+        for mac in self._macs:
+            mac.update(chunk)
+
+    def matches(self, header: str | None) -> bool:
+        """True when ``header`` signs everything given to :meth:`update`."""
+        if not header or not header.startswith(_PREFIX):
+            return False
+        matched = False
+        for mac in self._macs:
+            matched |= hmac.compare_digest(_PREFIX + mac.hexdigest(), header)
+        return matched

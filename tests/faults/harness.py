@@ -24,6 +24,7 @@ import aiohttp
 import asyncpg
 
 from services.demo.github import GitHubStandIn
+from shared.db import init_connection
 from tests.e2e_support import REPO, new_sha, push_body, signed_headers
 from tests.support.dataserver import DataServer
 from tests.support.processes import ServiceProcess, ServiceProcesses
@@ -104,10 +105,10 @@ class System:
         return f"http://127.0.0.1:{self.webhook.env['HTTP_PORT']}"
 
     async def push(
-        self, count: int = 1, *, data_path: str = "/rows.csv"
+        self, count: int = 1, *, data_path: str = "/rows.csv", sha: str | None = None
     ) -> tuple[str, dict[str, Any]]:
         """Push ``count`` new source files reading ``data_path``; returns (sha, answer)."""
-        sha = new_sha()
+        sha = sha or new_sha()
         url = self.data.url(data_path)
         paths = [f"sources/us/ks/t{uuid.uuid4().hex[:8]}.json" for _ in range(count)]
         for path in paths:
@@ -124,6 +125,7 @@ class System:
     async def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.database_url, timeout=10)
         try:
+            await init_connection(conn)
             return await conn.fetch(sql, *args)
         finally:
             await conn.close()

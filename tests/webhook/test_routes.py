@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pydantic import SecretStr
 
 from services.demo.github import GitHubStandIn
 from services.webhook.app import create_app
+from services.webhook.keys import BROKER
 from shared.broker import Broker
 from shared.config import Settings
 from shared.messages import QUEUE_TASKS
@@ -52,9 +54,12 @@ async def client(
     app_settings: Settings, db_pool: asyncpg.Pool, broker: Broker
 ) -> AsyncIterator[TestClient[Any, Any]]:
     # db_pool and broker come first: tables truncated and queues purged before the app starts.
-    server = TestServer(create_app(app_settings), host="127.0.0.1")
+    app = create_app(app_settings)
+    server = TestServer(app, host="127.0.0.1")
     test_client = TestClient(server)
     await test_client.start_server()
+    # The app connects to RabbitMQ in the background; tests that count tasks need it there.
+    await app[BROKER].wait_ready(timeout_s=30)
     try:
         yield test_client
     finally:
@@ -359,3 +364,57 @@ async def test_run_file_is_streamed_from_storage(
     missing = await client.get(f"/runs/{run_id}/gone.txt")
     assert missing.status == 404
     assert (await client.get("/runs/987654/out.csv")).status == 404
+
+
+async def test_probes_and_metrics(client: TestClient[Any, Any]) -> None:
+    live = await client.get("/health/live")
+    assert live.status == 200 and (await live.json())["status"] == "alive"
+    ready = await client.get("/health/ready")
+    assert ready.status == 200
+    assert (await ready.json())["checks"] == {"database": "ok", "broker": "ok"}
+    metrics = await client.get("/metrics")
+    assert metrics.status == 200
+    text = await metrics.text()
+    # The requests just made are measured, by route.
+    assert ('oa_http_request_duration_seconds_count{method="GET",route="/health/live",'
+            'status="200"}') in text
+    assert "oa_runs_in_flight" in text
+
+
+async def test_deeply_nested_json_is_a_400_not_a_500(client: TestClient[Any, Any]) -> None:
+    body = b"[" * 200_000 + b"]" * 200_000
+    status, answer = await post(client, body)
+    assert status == 400
+    assert "nested too deeply" in answer["error"]
+
+
+async def test_a_delivery_without_a_signature_header_is_refused_unread(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn
+) -> None:
+    response = await client.post("/hook", data=b"{}", headers={"X-GitHub-Event": "push"})
+    assert response.status == 401
+    await nothing_created(db_pool, broker, github)
+
+
+async def test_api_workers_tells_active_inactive_and_offline(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool
+) -> None:
+    run_id = await db_pool.fetchval(
+        "INSERT INTO runs (source_path, layer, entry_name, status) VALUES "
+        "('sources/a.json', 'addresses', 'x', 'success') RETURNING id")
+    for name, minutes, run in (("w-live", 0, run_id), ("w-quiet", 11, None), ("w-gone", 25, None)):
+        await db_pool.execute(
+            "INSERT INTO workers (name, hostname, pid, state, run_id, last_seen_at) VALUES "
+            "($1, 'h', 1, 'running', $2, now() - $3::interval)", name, run,
+            timedelta(minutes=minutes))
+    response = await client.get("/api/workers")
+    assert response.status == 200
+    answer = await response.json()
+    assert answer["counts"] == {"active": 1, "inactive": 1, "offline": 1}
+    by_name = {worker["name"]: worker for worker in answer["workers"]}
+    assert {name: worker["status"] for name, worker in by_name.items()} == {
+        "w-live": "active", "w-quiet": "inactive", "w-gone": "offline"}
+    # Its last heartbeat named a run that has finished since: said so, with the run.
+    assert by_name["w-live"]["run_finished"] is True
+    assert by_name["w-live"]["source_path"] == "sources/a.json"
+    assert answer["rules"]["offline_after_s"] == 1200
