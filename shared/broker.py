@@ -80,7 +80,6 @@ from typing import Any, Generic, TypeVar
 
 import aio_pika
 import structlog
-from aio_pika.connection import make_url
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -90,6 +89,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     ConsumerTag,
 )
+from aio_pika.connection import make_url
 from pydantic import ValidationError
 
 from shared import metrics
