@@ -54,7 +54,7 @@ Consuming with :meth:`Broker.consume`: the one ack policy (all of it in ``_handl
     A consumer runs up to ``prefetch`` handlers at once (``Broker(prefetch=...)``), so with
     ``prefetch > 1`` two messages of one queue may be handled out of order.
 
-Taking work with :meth:`Broker.feed`: the worker's policy for tasks
+Taking work with :class:`shared.feed.TaskFeed`: the worker's policy for tasks
     A run lasts up to hours, longer than RabbitMQ's ``consumer_timeout`` (30 minutes by
     default), after which the broker would close the channel of a consumer holding an unacked
     message. So a task is acknowledged when the worker *starts* it, and what protects the run
@@ -76,7 +76,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import aio_pika
 import structlog
@@ -178,7 +178,7 @@ def _retries_of(message: AbstractIncomingMessage) -> int:
         return 0
 
 
-def _accepted(message: AbstractIncomingMessage, accept: tuple[type[M], ...]) -> M:
+def accepted(message: AbstractIncomingMessage, accept: tuple[type[M], ...]) -> M:
     model = decode(message.body)
     if not isinstance(model, accept):
         names = ", ".join(sorted(cls.__name__ for cls in accept))
@@ -210,7 +210,8 @@ class Broker:
         self._opener: asyncio.Task[None] | None = None
         #: Tasks running consume() or feeds, so close() can let them unsubscribe cleanly first.
         self._consumers: set[asyncio.Task[Any]] = set()
-        self._feeds: set[TaskFeed[Any]] = set()
+        #: Things to close before the connection (the worker's feed), see :meth:`track`.
+        self._closables: set[Any] = set()
         #: Called (without arguments) after each reconnection, e.g. to flush an outbox.
         self.on_reconnect: list[Callable[[], None]] = []
         #: ``time.monotonic()`` of the last sign of an outage seen here: a lost connection, or a
@@ -388,7 +389,7 @@ class Broker:
         await self._opened.wait()
         in_flight: set[asyncio.Task[None]] = set()
         bound = log.bind(queue=queue)
-        channel, amqp_queue = await self._subscription_channel(queue, self._prefetch)
+        channel, amqp_queue = await self.subscription_channel(queue, self._prefetch)
         held = metrics.UNACKED.labels(queue)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -409,15 +410,27 @@ class Broker:
             await self._closed.wait()
         finally:
             if tag is not None:
-                await _quietly(amqp_queue.cancel(tag))
+                await quietly(amqp_queue.cancel(tag))
             for task in list(in_flight):
                 task.cancel()
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
-            await _quietly(channel.close())
+            await quietly(channel.close())
             bound.info("broker.stopped_consuming")
 
-    async def _subscription_channel(
+    def track(self, closable: Any) -> None:
+        """Close ``closable`` (anything with an async ``close()``) when the broker closes."""
+        self._closables.add(closable)
+
+    def untrack(self, closable: Any) -> None:
+        """Undo :meth:`track`."""
+        self._closables.discard(closable)
+
+    async def wait_opened(self) -> None:
+        """Wait for the first connection (without a time limit)."""
+        await self._opened.wait()
+
+    async def subscription_channel(
         self, queue: str, prefetch: int
     ) -> tuple[AbstractRobustChannel, AbstractQueue]:
         """A robust channel of its own with ``prefetch`` and ``queue`` declared on it."""
@@ -449,12 +462,12 @@ class Broker:
         settled = False
         try:
             try:
-                model = _accepted(message, accept)
+                model = accepted(message, accept)
             except MessageError as exc:
                 settled = True
                 await self._dead_letter(queue, message, bound, str(exc))
                 return
-            bound = bound.bind(kind=getattr(model, "kind", message.type), **_ids(model))
+            bound = bound.bind(kind=getattr(model, "kind", message.type), **ids_of(model))
             backoff = Backoff()
             while True:
                 try:
@@ -545,21 +558,6 @@ class Broker:
             return
         await message.ack()
 
-    # --- the worker's feed ---------------------------------------------------------------
-
-    def feed(
-        self,
-        queue: str,
-        accept: tuple[type[M], ...],
-        *,
-        capacity: int,
-        before_ack: Callable[[M], Awaitable[None]],
-    ) -> TaskFeed[M]:
-        """Work items of ``queue``, at most ``capacity`` taken at once (see the module doc)."""
-        feed: TaskFeed[M] = TaskFeed(self, queue, accept, capacity, before_ack)
-        self._feeds.add(feed)
-        return feed
-
     # --- tools -----------------------------------------------------------------------------
 
     async def get(self, queue: str, *, timeout_s: float = 5.0) -> AnyMessageModel | None:
@@ -619,8 +617,8 @@ class Broker:
     async def close(self) -> None:
         """Stop every consumer and feed, and close the connection."""
         self._closed.set()
-        for feed in list(self._feeds):
-            await feed.close()
+        for closable in list(self._closables):
+            await closable.close()
         # Let consume() loops see the flag and cancel their subscriptions while the connection
         # is still open; one stuck in a handler is cancelled after a grace period.
         consumers = {task for task in self._consumers if task is not asyncio.current_task()}
@@ -635,140 +633,7 @@ class Broker:
             with contextlib.suppress(BaseException):
                 await self._opener
         if self._connection is not None:
-            await _quietly(self._connection.close())
-
-
-class TaskFeed(Generic[M]):
-    """Work items of one queue for a process that runs at most ``capacity`` at once.
-
-    :meth:`next` returns an item once ``before_ack`` has succeeded for it and it is acked: from
-    then on the caller owns it. :meth:`release` frees its slot when the work is over.
-    A message that arrives while every slot is taken (possible in the instant between a slot
-    filling and the subscription's cancellation) goes straight back to the queue.
-    """
-
-    def __init__(
-        self,
-        broker: Broker,
-        queue: str,
-        accept: tuple[type[M], ...],
-        capacity: int,
-        before_ack: Callable[[M], Awaitable[None]],
-    ) -> None:
-        self._broker = broker
-        self._queue = queue
-        self._accept = accept
-        self._capacity = capacity
-        self._before_ack = before_ack
-        #: Slots in use: delivered and waiting in ``_arrived``, or taken by the caller.
-        self._used = 0
-        self._arrived: asyncio.Queue[tuple[AbstractIncomingMessage, M]] = asyncio.Queue()
-        self._changed = asyncio.Event()
-        self._closed = False
-        self._manager: asyncio.Task[None] | None = None
-        self._held = metrics.UNACKED.labels(queue)
-
-    @property
-    def free(self) -> int:
-        """Slots not in use."""
-        return self._capacity - self._used
-
-    async def next(self) -> M:
-        """The next item, acked and owned by the caller; waits while none is available."""
-        if self._manager is None:
-            self._manager = asyncio.create_task(self._manage())
-        while True:
-            message, model = await self._arrived.get()
-            self._held.dec()
-            try:
-                await self._before_ack(model)
-                await asyncio.shield(message.ack())
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(message.nack(requeue=True))
-                self.release()
-                raise
-            except Exception as exc:
-                # Not announced or not acked (the broker is gone): the task stays in, or goes
-                # back to, the queue for whoever takes it next, maybe us.
-                log.warning("broker.take_failed", queue=self._queue, error=repr(exc),
-                            **_ids(model))
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
-                self.release()
-                continue
-            return model
-
-    def release(self) -> None:
-        """One slot is free again."""
-        self._used = max(self._used - 1, 0)
-        self._changed.set()
-
-    async def close(self) -> None:
-        """Unsubscribe and give back every delivered item the caller has not taken."""
-        self._closed = True
-        self._changed.set()
-        if self._manager is not None:
-            self._manager.cancel()
-            with contextlib.suppress(BaseException):
-                await self._manager
-        while not self._arrived.empty():
-            message, _model = self._arrived.get_nowait()
-            self._held.dec()
-            self._used = max(self._used - 1, 0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(message.nack(requeue=True), CLOSE_GRACE_S)
-        self._broker._feeds.discard(self)
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        if self._closed or self._used >= self._capacity:
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            return
-        try:
-            model = _accepted(message, self._accept)
-        except MessageError as exc:
-            log.warning("broker.dead_lettered", queue=self._queue, reason=str(exc))
-            metrics.DEAD_LETTERED.labels(self._queue).inc()
-            with contextlib.suppress(Exception):
-                await message.reject(requeue=False)
-            return
-        self._used += 1
-        self._held.inc()
-        self._changed.set()
-        self._arrived.put_nowait((message, model))
-
-    async def _manage(self) -> None:
-        """Subscribed while a slot is free, unsubscribed while all are taken."""
-        broker = self._broker
-        await broker._opened.wait()
-        channel, amqp_queue = await broker._subscription_channel(self._queue, self._capacity)
-        tag: ConsumerTag | None = None
-        backoff = Backoff()
-        try:
-            while not self._closed:
-                self._changed.clear()
-                try:
-                    if tag is None and self._used < self._capacity:
-                        tag = await amqp_queue.consume(self._on_message)
-                        log.info("broker.consuming", queue=self._queue, free=self.free)
-                    elif tag is not None and self._used >= self._capacity:
-                        # Forget the tag first: a cancel that fails (the channel is down) still
-                        # keeps the robust queue from restoring the subscription.
-                        old, tag = tag, None
-                        await amqp_queue.cancel(old)
-                    backoff.reset()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning("broker.subscription_failed", queue=self._queue, error=repr(exc))
-                    await backoff.wait()
-                    continue
-                await self._changed.wait()
-        finally:
-            if tag is not None:
-                await _quietly(amqp_queue.cancel(tag))
-            await _quietly(channel.close())
+            await quietly(self._connection.close())
 
 
 #: Exchanges messages may be published to (the default exchange "" routes by queue name).
@@ -820,7 +685,7 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def _quietly(awaitable: Awaitable[Any]) -> None:
+async def quietly(awaitable: Awaitable[Any]) -> None:
     """Await a clean-up step, ignoring its failure (the channel may already be gone)."""
     try:
         await asyncio.wait_for(awaitable, CLOSE_GRACE_S)
@@ -841,7 +706,7 @@ def _dependency_of(exc: BaseException) -> str:
     return "other"
 
 
-def _ids(model: Message) -> dict[str, Any]:
+def ids_of(model: Message) -> dict[str, Any]:
     # Bind the identifiers that exist on this kind of message, for log correlation.
     return {
         name: getattr(model, name)

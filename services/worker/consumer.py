@@ -31,8 +31,9 @@ from services.worker.isolation import Limits, RunRequest, run_isolated
 from services.worker.outbox import Outbox
 from services.worker.state import RunState
 from services.worker.zygote import ZYGOTE
-from shared.broker import Broker, TaskFeed
+from shared.broker import Broker
 from shared.config import Settings
+from shared.feed import TaskFeed
 from shared.logging import get_logger
 from shared.messages import (
     EXCHANGE_DONE,
@@ -186,9 +187,9 @@ class Worker:
             asyncio.create_task(self.heartbeats()),
         ]
         self.outbox.wake()  # what a previous life of this worker could not send
-        feed = self.broker.feed(
-            QUEUE_TASKS, (Task,), capacity=1 if once else self.settings.worker_concurrency,
-            before_ack=self.claim,
+        feed = TaskFeed(
+            self.broker, QUEUE_TASKS, (Task,),
+            capacity=1 if once else self.settings.worker_concurrency, before_ack=self.claim,
         )
         try:
             await self._take(feed, once=once)

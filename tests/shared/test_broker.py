@@ -19,6 +19,7 @@ import shared.broker
 import shared.outage
 from shared.broker import RETRIES_HEADER, Broker, PublishError
 from shared.errors import MessageError
+from shared.feed import TaskFeed
 from shared.messages import (
     EXCHANGE_DONE,
     EXCHANGE_DUE,
@@ -346,7 +347,7 @@ async def test_feed_takes_one_task_per_free_slot_and_unsubscribes_while_full(
 
     await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(21))
     await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(22))
-    feed = broker.feed(QUEUE_TASKS, (Task,), capacity=1, before_ack=before_ack)
+    feed = TaskFeed(broker, QUEUE_TASKS, (Task,), capacity=1, before_ack=before_ack)
     try:
         first = await asyncio.wait_for(feed.next(), WAIT_S)
         assert first.run_id == 21 and announced == [21]
@@ -375,7 +376,7 @@ async def test_feed_gives_the_task_back_when_it_cannot_be_announced(broker: Brok
             raise PublishError("broker unavailable: heartbeat not confirmed")
 
     await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(31))
-    feed = broker.feed(QUEUE_TASKS, (Task,), capacity=1, before_ack=before_ack)
+    feed = TaskFeed(broker, QUEUE_TASKS, (Task,), capacity=1, before_ack=before_ack)
     try:
         # Not announced, so not acked: it went back to the queue and came round again.
         task = await asyncio.wait_for(feed.next(), WAIT_S)
@@ -397,7 +398,7 @@ async def test_feed_dead_letters_what_is_not_a_task(
     async def before_ack(task: Task) -> None:
         return None
 
-    feed = broker.feed(QUEUE_TASKS, (Task,), capacity=1, before_ack=before_ack)
+    feed = TaskFeed(broker, QUEUE_TASKS, (Task,), capacity=1, before_ack=before_ack)
     try:
         task = await asyncio.wait_for(feed.next(), WAIT_S)
     finally:
@@ -410,7 +411,7 @@ async def test_feed_closed_gives_back_what_it_did_not_hand_out(broker: Broker) -
     async def before_ack(task: Task) -> None:
         return None
 
-    feed = broker.feed(QUEUE_TASKS, (Task,), capacity=2, before_ack=before_ack)
+    feed = TaskFeed(broker, QUEUE_TASKS, (Task,), capacity=2, before_ack=before_ack)
     taking = asyncio.create_task(feed.next())
     await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(61))
     assert (await asyncio.wait_for(taking, WAIT_S)).run_id == 61
