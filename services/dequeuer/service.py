@@ -57,6 +57,9 @@ TICK = timedelta(seconds=10)
 DISPATCH_ROUNDS = 10
 #: Messages the dequeuer handles at once (per queue).
 PREFETCH = 16
+#: Where KEDA's metrics-api trigger reads how many runs are queued or running, and the key.
+SCALING_PATH = "/scaling"
+SCALING_METRIC = "runs_in_flight"
 
 
 class Dequeuer:
@@ -142,7 +145,7 @@ class Dequeuer:
                 server = ProbeServer(
                     self.settings.http_host, self.settings.metrics_port,
                     {"database": database_check(self.pool), "broker": broker_check(self.broker)},
-                    routes={"/scaling": self.scaling_view},
+                    routes={SCALING_PATH: self.scaling_view},
                 )
                 await stack.enter_async_context(server)
                 self.probes = server
@@ -156,7 +159,7 @@ class Dequeuer:
         """What KEDA's metrics-api trigger reads: runs queued or running, as JSON."""
         runs = await count_runs(self.pool)
         return web.json_response({
-            "runs_in_flight": runs.in_flight, "queued": runs.queued, "running": runs.running,
+            SCALING_METRIC: runs.in_flight, "queued": runs.queued, "running": runs.running,
             "unqueued": runs.unqueued, "retrying": runs.retrying,
         })
 

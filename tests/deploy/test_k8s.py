@@ -24,6 +24,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -375,6 +376,10 @@ RABBITMQ_METADATA = {
     "vhostName", "excludeUnacknowledged", "useRegex", "pageSize", "operation", "timeout",
     "unsafeSsl",
 }  # fmt: skip
+METRICS_API_METADATA = {
+    "url", "valueLocation", "targetValue", "activationTargetValue", "format", "authMode",
+    "method", "unsafeSsl", "timeout",
+}  # fmt: skip
 
 
 def test_keda_objects_use_known_fields(rendered: list[Obj]) -> None:
@@ -387,6 +392,8 @@ def test_keda_objects_use_known_fields(rendered: list[Obj]) -> None:
         assert set(obj["spec"]) <= KEDA_SPEC_FIELDS[obj["kind"]], obj["spec"].keys()
         for trigger in obj["spec"].get("triggers", []):
             assert set(trigger) <= TRIGGER_FIELDS
+            if trigger["type"] == "metrics-api":
+                assert set(trigger["metadata"]) <= METRICS_API_METADATA
             if trigger["type"] == "rabbitmq":
                 assert set(trigger["metadata"]) <= RABBITMQ_METADATA
                 assert all(isinstance(v, str) for v in trigger["metadata"].values()), (
@@ -529,8 +536,8 @@ def test_worker_is_sized_for_gdal_work(rendered: list[Obj]) -> None:
     assert quantity_bytes(limits["ephemeral-storage"]) >= quantity_bytes(
         volume["emptyDir"]["sizeLimit"]
     )
-    # Time to hand a run back on SIGTERM before the SIGKILL.
-    assert spec["terminationGracePeriodSeconds"] >= 60
+    # Time to finish or hand back the run on SIGTERM (WORKER_GRACE_S) before the SIGKILL.
+    assert spec["terminationGracePeriodSeconds"] >= config.worker_grace_s + 30
     assert "preStop" not in container.get("lifecycle", {}), "SIGTERM must reach the worker at once"
     env = {item["name"]: item for item in container.get("env", [])}
     assert env["WORKER_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -544,9 +551,9 @@ def test_webhook_probes_hit_health_on_the_declared_port(base: list[Obj]) -> None
     deployment = one(base, "Deployment", "oa-machine-webhook")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/health/ready"), ("livenessProbe", "/health/live")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/health"
+        assert get["path"] == path
         assert ports.get(get["port"], get["port"]) == http_port
     service = one(base, "Service", "oa-machine-webhook")
     (service_port,) = service["spec"]["ports"]
@@ -590,9 +597,26 @@ def test_containers_read_the_config_and_the_external_secret(rendered: list[Obj])
 # --- KEDA ----------------------------------------------------------------------------------------
 
 
+def test_every_service_has_probes_that_never_ask_the_dependencies_for_liveness(
+    base: list[Obj],
+) -> None:
+    config = settings_from_environment(config_data(base))
+    for name in ("webhook", "worker", "dequeuer", "scheduler"):
+        deployment = one(base, "Deployment", f"oa-machine-{name}")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        expected_port = config.http_port if name == "webhook" else config.metrics_port
+        live = container["livenessProbe"]["httpGet"]
+        ready = container["readinessProbe"]["httpGet"]
+        # /health/live answers without PostgreSQL or RabbitMQ (shared/probes.py): an outage of
+        # either must not restart every pod.
+        assert (live["path"], ready["path"]) == ("/health/live", "/health/ready"), name
+        for get in (live, ready):
+            assert ports.get(get["port"], get["port"]) == expected_port, name
+
+
 def _check_rabbitmq_trigger(rendered: list[Obj], scaler: Obj) -> None:
-    (trigger,) = scaler["spec"]["triggers"]
-    assert trigger["type"] == "rabbitmq"
+    (trigger,) = [t for t in scaler["spec"]["triggers"] if t["type"] == "rabbitmq"]
     metadata = trigger["metadata"]
     assert metadata["queueName"] == QUEUE_TASKS
     assert metadata["mode"] == "QueueLength"
@@ -616,6 +640,29 @@ def test_scaled_object_scales_the_worker_deployment_on_the_tasks_queue(base: lis
     assert scaler["spec"]["minReplicaCount"] in (0, 1)
     assert scaler["spec"]["maxReplicaCount"] >= 10
     _check_rabbitmq_trigger(base, scaler)
+
+
+def test_scaled_object_counts_running_work_from_the_dequeuer(base: list[Obj]) -> None:
+    """KEDA sees queued plus running runs, so the pool does not shrink under busy workers."""
+    from services.dequeuer.service import SCALING_METRIC, SCALING_PATH
+
+    scaler = one(base, "ScaledObject", "oa-machine-worker")
+    (trigger,) = [t for t in scaler["spec"]["triggers"] if t["type"] == "metrics-api"]
+    metadata = trigger["metadata"]
+    url = urlsplit(metadata["url"])
+    host, namespace = url.hostname.split(".")[:2]  # type: ignore[union-attr]
+    service = one(base, "Service", host)
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "dequeuer"
+    (port,) = service["spec"]["ports"]
+    assert url.port == port["port"]
+    dequeuer = one(base, "Deployment", "oa-machine-dequeuer")
+    (container,) = dequeuer["spec"]["template"]["spec"]["containers"]
+    ports = {item["name"]: item["containerPort"] for item in container["ports"]}
+    config = settings_from_environment(config_data(base))
+    assert ports[port["targetPort"]] == config.metrics_port
+    assert (url.path, metadata["valueLocation"]) == (SCALING_PATH, SCALING_METRIC)
+    assert namespace == "oa-machine", "the namespace docs/deploy.md tells to use"
+    assert int(metadata["targetValue"]) == config.worker_concurrency
 
 
 def test_one_run_per_pod_starts_a_job_per_task(one_run_per_pod: list[Obj]) -> None:

@@ -55,7 +55,9 @@ async def test_postgresql_down_for_a_minute_while_runs_finish_loses_no_result(
 ) -> None:
     system.data.add("/slow.csv", ROWS, delay_s=8)
     dequeuer = system.start("dequeuer", ["dequeuer"])
+    scheduler = system.start("scheduler", ["scheduler"])
     webhook = await system.start_webhook()
+    await scheduler.wait_for_event_async("scheduler.leading", timeout_s=60)
     worker = system.start_worker("worker-a", WORKER_CONCURRENCY="4")
     await worker.wait_for_event_async("broker.consuming", timeout_s=60)
     await system.push(4, data_path="/slow.csv")
@@ -72,7 +74,9 @@ async def test_postgresql_down_for_a_minute_while_runs_finish_loses_no_result(
 
     await wait_until(all_finished, timeout_s=60, what="the runs to finish during the outage")
     await asyncio.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
-    assert all_alive({"dequeuer": dequeuer, "webhook": webhook, "worker": worker}) == []
+    services = {"dequeuer": dequeuer, "webhook": webhook, "worker": worker,
+                "scheduler": scheduler}
+    assert all_alive(services) == [], system.processes.outputs()
     await asyncio.to_thread(system.postgres.start)
 
     await wait_until(lambda: system.all_settled(4), timeout_s=120,
@@ -82,7 +86,14 @@ async def test_postgresql_down_for_a_minute_while_runs_finish_loses_no_result(
     assert finished_events(dequeuer) == {run["id"]: 1 for run in runs}
     assert await system.queue_ready("dead") == 0
     assert dequeuer.events("broker.handler_waiting"), "the dequeuer never waited for PostgreSQL"
-    assert dequeuer.alive and webhook.alive and worker.alive
+    # The scheduler lost its connection (and the leader lock with it) and leads again.
+    await scheduler.wait_for_event_async("scheduler.database_unavailable", timeout_s=5)
+
+    async def leads_again() -> bool:
+        return len(scheduler.events("scheduler.leading")) >= 2
+
+    await wait_until(leads_again, timeout_s=60, what="the scheduler to lead again")
+    assert all_alive(services) == [], system.processes.outputs()
 
 
 async def test_a_push_while_the_broker_is_down_is_queued_once_it_is_back(system: System) -> None:

@@ -109,8 +109,10 @@ async def test_a_leading_serve_keeps_the_lock_until_cancelled(
         for _ in range(100):
             # The leader key, not migrate()'s own advisory lock.
             if await other.fetchval(
+                # This test's database only: a scheduler of `make run` may lead elsewhere.
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                " AND objid = $1::bigint % 4294967296", LEADER_LOCK_KEY,
+                " AND objid = $1::bigint % 4294967296 AND database = (SELECT oid FROM"
+                " pg_database WHERE datname = current_database())", LEADER_LOCK_KEY,
             ):
                 break
             await asyncio.sleep(POLL_S)
