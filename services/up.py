@@ -53,7 +53,8 @@ async def up(settings: Settings) -> None:
         _say("up", f"demo mode: GitHub stand-in at {demo.github.url}, data at {demo.data_url}")
     env["LOG_FORMAT"] = "console"
     supervisor = Supervisor(
-        {name: [sys.executable, "-m", f"services.{name}"] for name in SERVICES}, env=env
+        {name: [sys.executable, "-m", f"services.{name}"] for name in SERVICES}, env=env,
+        child_env=child_settings(settings),
     )
     await supervisor.start()
     try:
@@ -66,8 +67,24 @@ async def up(settings: Settings) -> None:
             await demo.stop()
 
 
+def child_settings(settings: Settings) -> dict[str, dict[str, str]]:
+    """What each child gets on top of the common environment.
+
+    Each service with a metrics server gets a port of its own (``METRICS_PORT`` + 1, + 2, ...;
+    0 stays 0, a free port each), and the worker a grace period that ends before ``up`` kills
+    what has not stopped, so that Ctrl-C hands a run back instead of losing it to SIGKILL.
+    """
+    extra: dict[str, dict[str, str]] = {}
+    for index, name in enumerate(name for name in SERVICES if name != "webhook"):
+        port = settings.metrics_port + index + 1 if settings.metrics_port else 0
+        extra[name] = {"METRICS_PORT": str(port)}
+    grace_s = min(settings.worker_grace_s, max(STOP_GRACE_S - 5, 0))
+    extra["worker"]["WORKER_GRACE_S"] = f"{grace_s:g}"
+    return extra
+
+
 @dataclass(frozen=True)
-class Backoff:
+class RestartBackoff:
     """Waits before restarting a child: ``first_s``, doubling up to ``max_s``; a child that
     stayed up ``reset_after_s`` or longer before exiting starts over at ``first_s``."""
 
@@ -76,14 +93,14 @@ class Backoff:
     reset_after_s: float = 60.0
 
 
-DEFAULT_BACKOFF: Final = Backoff()
+DEFAULT_BACKOFF: Final = RestartBackoff()
 
 
 class Supervisor:
     """Runs one child per command, each in its own session, with its output prefixed.
 
     A child that exits while the supervisor is not stopping is started again after a
-    :class:`Backoff`; the others are left alone. :meth:`stop` sends every child SIGTERM and
+    :class:`RestartBackoff`; the others are left alone. :meth:`stop` sends every child SIGTERM and
     kills the process group of any still running ``stop_grace_s`` later.
     """
 
@@ -92,12 +109,15 @@ class Supervisor:
         commands: Mapping[str, Sequence[str]],
         *,
         env: Mapping[str, str] | None = None,
-        backoff: Backoff = DEFAULT_BACKOFF,
+        child_env: Mapping[str, Mapping[str, str]] | None = None,
+        backoff: RestartBackoff = DEFAULT_BACKOFF,
         stop_grace_s: float = STOP_GRACE_S,
         say: Say | None = None,
     ) -> None:
         self.commands = {name: list(command) for name, command in commands.items()}
         self.env = dict(env) if env is not None else None
+        #: Variables of one child only, on top of ``env``.
+        self.child_env = {name: dict(extra) for name, extra in (child_env or {}).items()}
         self.backoff = backoff
         self.stop_grace_s = stop_grace_s
         self.say: Say = say if say is not None else _say
@@ -189,8 +209,11 @@ class Supervisor:
 
     async def _spawn(self, name: str) -> asyncio.subprocess.Process:
         command = self.commands[name]
+        env = self.env
+        if name in self.child_env:
+            env = {**(self.env if self.env is not None else os.environ), **self.child_env[name]}
         process = await asyncio.create_subprocess_exec(
-            *command, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+            *command, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # a terminal's Ctrl-C reaches up only; up decides
         )

@@ -62,45 +62,83 @@ async def settle_job(
 ) -> JobOutcome | None:
     """Finish ``job_id`` if all its runs are final; None while runs are open or if already done.
 
-    Runs inside the caller's transaction. The job row is locked first: two transactions that
-    each finish one of the last two runs would otherwise each count the other's run as still
-    open (neither sees the other's uncommitted update) and the job would never be settled.
-    With the lock the second waits for the first to commit, then (READ COMMITTED: each statement
-    sees what committed before it) counts both runs final. ``UPDATE ... WHERE status IS NULL``
-    still makes sure the status is queued once.
+    :func:`settle_jobs` for one job.
     """
-    await conn.execute("SELECT 1 FROM jobs WHERE id = $1 FOR NO KEY UPDATE", job_id)
-    counts = await conn.fetchrow(
+    outcomes = await settle_jobs(conn, [job_id], public_base_url)
+    return outcomes[0] if outcomes else None
+
+
+async def settle_jobs(
+    conn: asyncpg.Connection, job_ids: list[int], public_base_url: str
+) -> list[JobOutcome]:
+    """Finish every job of ``job_ids`` whose runs are all final; returns those finished now.
+
+    Runs inside the caller's transaction. The job rows are locked first, in the order of their
+    ids (so that two transactions never wait for each other in a circle): two transactions
+    that each finish one of the last two runs of a job would otherwise each count the other's
+    run as still open (neither sees the other's uncommitted update) and the job would never be
+    settled. With the lock the second waits for the first to commit, then (READ COMMITTED:
+    each statement sees what committed before it) counts both runs final. ``UPDATE ... WHERE
+    status IS NULL`` still makes sure each status is queued once.
+    """
+    ids = sorted(set(job_ids))
+    if not ids:
+        return []
+    await conn.execute(
+        "SELECT 1 FROM jobs WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE", ids
+    )
+    counts = await conn.fetch(
         """
-        SELECT count(*) FILTER (WHERE status IS NULL)        AS open,
+        SELECT job_id,
+               count(*) FILTER (WHERE status IS NULL)        AS open,
                count(*) FILTER (WHERE status = 'success')    AS succeeded,
                count(*) FILTER (WHERE status = 'skipped')    AS skipped,
-               count(*) FILTER (WHERE status = 'failure')    AS failed,
-               count(*)                                      AS total
-        FROM runs WHERE job_id = $1
+               count(*) FILTER (WHERE status = 'failure')    AS failed
+        FROM runs WHERE job_id = ANY($1::bigint[])
+        GROUP BY job_id
         """,
-        job_id,
+        ids,
     )
-    if counts is None or counts["open"] > 0:
-        return None
-    state: StatusState = "failure" if counts["failed"] else "success"
-    description = _describe(counts["succeeded"], counts["skipped"], counts["failed"])
-    job = await conn.fetchrow(
+    decided: dict[int, tuple[StatusState, str]] = {}
+    for row in counts:
+        if row["open"] == 0:
+            state: StatusState = "failure" if row["failed"] else "success"
+            decided[row["job_id"]] = (
+                state, _describe(row["succeeded"], row["skipped"], row["failed"])
+            )
+    if not decided:
+        return []
+    finished = await conn.fetch(
         """
-        UPDATE jobs SET status = $2, finished_at = now()
-        WHERE id = $1 AND status IS NULL
-        RETURNING repo, sha
+        UPDATE jobs AS j SET status = d.state, finished_at = now()
+        FROM unnest($1::bigint[], $2::text[]) AS d(id, state)
+        WHERE j.id = d.id AND j.status IS NULL
+        RETURNING j.id, j.repo, j.sha
         """,
-        job_id, state,
+        list(decided), [state for state, _description in decided.values()],
     )
-    if job is None:
-        return None
-    await queue_status(
-        conn, job_id=job_id, repo=job["repo"], sha=job["sha"], state=state,
-        description=description, target_url=job_url(public_base_url, job_id),
-    )
-    log.info("job.finished", job_id=job_id, status=state, description=description)
-    return JobOutcome(job_id, state, description)
+    outcomes: list[JobOutcome] = []
+    for job in sorted(finished, key=lambda row: row["id"]):
+        state, description = decided[job["id"]]
+        outcomes.append(JobOutcome(job["id"], state, description))
+    if outcomes:
+        # One statement for every status, in the order of the jobs.
+        await conn.execute(
+            """
+            INSERT INTO statuses (job_id, repo, sha, state, description, target_url)
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                 $6::text[])
+            """,
+            [o.job_id for o in outcomes],
+            [job["repo"] for job in sorted(finished, key=lambda row: row["id"])],
+            [job["sha"] for job in sorted(finished, key=lambda row: row["id"])],
+            [o.status for o in outcomes], [o.description for o in outcomes],
+            [job_url(public_base_url, o.job_id) for o in outcomes],
+        )
+    for outcome in outcomes:
+        log.info("job.finished", job_id=outcome.job_id, status=outcome.status,
+                 description=outcome.description)
+    return outcomes
 
 
 def _describe(succeeded: int, skipped: int, failed: int) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.up import Backoff, Supervisor
+from services.up import RestartBackoff, Supervisor, child_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,7 +73,7 @@ async def test_child_that_exits_is_restarted_with_backoff_and_the_others_untouch
     lines = Lines()
     supervisor = Supervisor(
         {"steady": STEADY, "flaky": FLAKY},
-        backoff=Backoff(first_s=0.2, max_s=0.8, reset_after_s=60), stop_grace_s=5, say=lines,
+        backoff=RestartBackoff(first_s=0.2, max_s=0.8, reset_after_s=60), stop_grace_s=5, say=lines,
     )
     supervisors.append(supervisor)
     await supervisor.start()
@@ -114,7 +114,7 @@ async def test_child_that_exits_once_is_restarted_once_and_stays_up(
     """, str(tmp_path / "marker"))
     lines = Lines()
     supervisor = Supervisor({"once": once, "steady": STEADY},
-                            backoff=Backoff(first_s=0.1), say=lines)
+                            backoff=RestartBackoff(first_s=0.1), say=lines)
     supervisors.append(supervisor)
     await supervisor.start()
     await until(lambda: ("once", "up for good") in lines)
@@ -146,8 +146,10 @@ async def test_backoff_starts_over_after_a_child_stayed_up_long_enough(
         sys.exit(run)
     """, str(tmp_path / "runs"))
     lines = Lines()
-    supervisor = Supervisor({"counted": counted},
-                            backoff=Backoff(first_s=0.1, max_s=5, reset_after_s=1.0), say=lines)
+    supervisor = Supervisor(
+        {"counted": counted},
+        backoff=RestartBackoff(first_s=0.1, max_s=5, reset_after_s=1.0), say=lines,
+    )
     supervisors.append(supervisor)
     await supervisor.start()
     await until(lambda: ("counted", "run 5 stays") in lines)
@@ -190,7 +192,7 @@ async def test_stop_during_a_backoff_returns_at_once_and_starts_nothing(
     supervisors: list[Supervisor],
 ) -> None:
     lines = Lines()
-    supervisor = Supervisor({"flaky": FLAKY}, backoff=Backoff(first_s=30), say=lines)
+    supervisor = Supervisor({"flaky": FLAKY}, backoff=RestartBackoff(first_s=30), say=lines)
     supervisors.append(supervisor)
     await supervisor.start()
     await until(lambda: lines.restarts("flaky") == ["30"])
@@ -227,7 +229,7 @@ async def test_command_that_cannot_start_is_retried_with_backoff(
     lines = Lines()
     missing = str(tmp_path / "no-such-program")
     supervisor = Supervisor({"missing": [missing], "steady": STEADY},
-                            backoff=Backoff(first_s=0.1, max_s=0.2), say=lines)
+                            backoff=RestartBackoff(first_s=0.1, max_s=0.2), say=lines)
     supervisors.append(supervisor)
     await supervisor.start()
     await until(lambda: len(supervisor.starts["missing"]) >= 3)
@@ -235,3 +237,15 @@ async def test_command_that_cannot_start_is_retried_with_backoff(
     assert any(t.startswith("missing could not start (") for n, t in lines if n == "up")
     assert supervisor.children["steady"].returncode is None
     assert os.path.exists(missing) is False
+
+
+def test_each_child_gets_its_own_metrics_port_and_the_worker_a_grace_within_the_stop() -> None:
+    from services.up import STOP_GRACE_S
+    from shared.config import Settings
+
+    extra = child_settings(Settings(metrics_port=9100, worker_grace_s=90))
+    ports = {name: values["METRICS_PORT"] for name, values in extra.items()}
+    assert ports == {"worker": "9101", "dequeuer": "9102", "scheduler": "9103"}
+    assert float(extra["worker"]["WORKER_GRACE_S"]) < STOP_GRACE_S
+    free = child_settings(Settings(metrics_port=0))
+    assert {values["METRICS_PORT"] for values in free.values()} == {"0"}

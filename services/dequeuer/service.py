@@ -17,12 +17,12 @@ from datetime import timedelta
 import asyncpg
 from aiohttp import web
 
+from services.dequeuer.batch import DoneBatcher
 from services.dequeuer.recovery import Rules, expire_leases, sweep_unseen
 from services.dequeuer.settle import (
     overdue_runs,
     record_heartbeat,
     record_returned,
-    settle_done,
     settle_due,
 )
 from services.dequeuer.watch import count_runs, refresh_gauges, update_worker_states
@@ -55,8 +55,9 @@ log = get_logger(__name__)
 TICK = timedelta(seconds=10)
 #: Rounds of dispatching per tick (each up to shared.dispatch.BATCH runs).
 DISPATCH_ROUNDS = 10
-#: Messages the dequeuer handles at once (per queue).
-PREFETCH = 16
+#: Messages the dequeuer handles at once (per queue): results are settled in batches of up
+#: to this many (services/dequeuer/batch.py).
+PREFETCH = 200
 #: Where KEDA's metrics-api trigger reads how many runs are queued or running, and the key.
 SCALING_PATH = "/scaling"
 SCALING_METRIC = "runs_in_flight"
@@ -71,6 +72,7 @@ class Dequeuer:
         self.pool = pool
         self.broker = broker
         self.github = github
+        self.batcher = DoneBatcher(pool, self.rules)
         self._wake = asyncio.Event()
         #: Last outage this process saw in its own chores (monotonic clock).
         self._last_trouble_at = time.monotonic()
@@ -85,7 +87,7 @@ class Dequeuer:
             if await record_returned(self.pool, message, self.rules):
                 self._wake.set()  # queue it again (or send the job's status) now
         elif isinstance(message, Done):
-            outcome = await settle_done(self.pool, message, self.rules)
+            outcome = await self.batcher.settle(message)
             if outcome.job_finished:
                 self._wake.set()
         else:  # the broker only passes accepted kinds
@@ -149,6 +151,7 @@ class Dequeuer:
                 )
                 await stack.enter_async_context(server)
                 self.probes = server
+            stack.push_async_callback(self.batcher.close)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.broker.consume(
                     QUEUE_DONE, self.on_done, accept=(Done, Heartbeat, Returned)))

@@ -15,14 +15,14 @@ import asyncpg
 
 from services.dequeuer.recovery import Rules, release
 from shared import metrics
-from shared.jobs import settle_job
+from shared.jobs import settle_job, settle_jobs
 from shared.logging import get_logger
 from shared.messages import Done, Due, Heartbeat, Returned
 
 log = get_logger(__name__)
 
 __all__ = ["Outcome", "Rules", "overdue_runs", "record_heartbeat", "record_returned",
-           "settle_done", "settle_due"]
+           "settle_done", "settle_done_batch", "settle_due"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,80 @@ async def settle_done(pool: asyncpg.Pool, done: Done, rules: Rules) -> Outcome:
     elapsed = (row["finished_at"] - row["started_at"]).total_seconds()
     metrics.RUN_DURATION.labels(done.status).observe(max(elapsed, 0.0))
     return Outcome("settled", job_finished)
+
+
+async def settle_done_batch(
+    pool: asyncpg.Pool, dones: list[Done], rules: Rules
+) -> list[Outcome]:
+    """:func:`settle_done` for many results in one transaction; one outcome per message.
+
+    Results asking for a retry go through :func:`settle_done` one by one (they are rare); the
+    others are settled by one ``UPDATE ... FROM unnest(...)``, then every job they touch is
+    settled, in the order of its id so that two dequeuers lock jobs in the same order. The
+    same attempt of a run twice in a batch: the first message counts, the others are duplicates.
+    """
+    outcomes: dict[int, Outcome] = {}
+    final: list[tuple[int, Done]] = []
+    seen: set[tuple[int, int]] = set()
+    for index, done in enumerate(dones):
+        if done.status == "failure" and done.retryable:
+            outcomes[index] = await settle_done(pool, done, rules)
+        elif (done.run_id, done.attempt) in seen:
+            outcomes[index] = Outcome("ignored")
+        else:
+            # Two attempts of one run may both be here: only the current one can match.
+            seen.add((done.run_id, done.attempt))
+            final.append((index, done))
+    if final:
+        final.sort(key=lambda item: (item[1].run_id, item[0]))  # rows locked in one order
+        batch = [done for _index, done in final]
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """
+                UPDATE runs AS r SET status = i.status, source_problem = i.problem,
+                       error = CASE WHEN r.retries > 0 AND i.status = 'failure'
+                                    THEN i.error || ' (the whole run was tried '
+                                         || (r.retries + 1) || ' times)'
+                                    ELSE i.error END,
+                       outputs = i.outputs, state = i.state, worker = i.worker,
+                       started_at = coalesce(r.started_at, i.started_at, i.finished_at),
+                       finished_at = i.finished_at,
+                       lease_until = NULL, retry_at = NULL, unseen_since = NULL,
+                       fingerprint = i.state ->> 'fingerprint', etag = i.state ->> 'etag',
+                       last_modified = i.state ->> 'last modified'
+                FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[],
+                            $6::jsonb[], $7::jsonb[], $8::text[], $9::timestamptz[],
+                            $10::timestamptz[])
+                     AS i(run_id, attempt, status, problem, error, outputs, state, worker,
+                          started_at, finished_at)
+                WHERE r.id = i.run_id AND r.status IS NULL AND r.attempt = i.attempt
+                RETURNING r.id, r.attempt, r.job_id, r.started_at, r.finished_at
+                """,
+                [d.run_id for d in batch], [d.attempt for d in batch],
+                [d.status for d in batch], [d.source_problem for d in batch],
+                [d.error for d in batch], [d.outputs for d in batch], [d.state for d in batch],
+                [d.worker for d in batch], [d.started_at for d in batch],
+                [d.finished_at for d in batch],
+            )
+            settled = {(row["id"], row["attempt"]): row for row in rows}
+            touched = [row["job_id"] for row in rows if row["job_id"] is not None]
+            finished_jobs = {outcome.job_id for outcome in
+                             await settle_jobs(conn, touched, rules.public_base_url)}
+            for _index, done in final:
+                if (done.run_id, done.attempt) not in settled:
+                    await _explain_ignored(conn, done.run_id, done.attempt, "done", done.status)
+        for index, done in final:
+            row = settled.get((done.run_id, done.attempt))
+            if row is None:
+                outcomes[index] = Outcome("ignored")
+                continue
+            log.info("run.finished", run_id=done.run_id, job_id=row["job_id"],
+                     status=done.status, problem=done.source_problem, attempt=done.attempt)
+            metrics.RUNS_SETTLED.labels(done.status, done.source_problem or "").inc()
+            elapsed = (row["finished_at"] - row["started_at"]).total_seconds()
+            metrics.RUN_DURATION.labels(done.status).observe(max(elapsed, 0.0))
+            outcomes[index] = Outcome("settled", row["job_id"] in finished_jobs)
+    return [outcomes[index] for index in range(len(dones))]
 
 
 async def _explain_ignored(

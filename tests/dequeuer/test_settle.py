@@ -7,8 +7,15 @@ from datetime import timedelta
 
 import asyncpg
 
+from services.dequeuer.batch import DoneBatcher
 from services.dequeuer.recovery import Rules
-from services.dequeuer.settle import overdue_runs, record_heartbeat, settle_done, settle_due
+from services.dequeuer.settle import (
+    overdue_runs,
+    record_heartbeat,
+    settle_done,
+    settle_done_batch,
+    settle_due,
+)
 from shared.messages import Done, Due, Heartbeat, utcnow
 
 BASE = "http://oa.example.org"
@@ -202,3 +209,49 @@ async def test_two_racing_settles_of_the_last_runs_settle_the_job_exactly_once(
             "success"), "neither settle saw the job's last run final"
         assert await db_pool.fetchval(
             "SELECT count(*) FROM statuses WHERE job_id = $1", job_id) == 1
+
+
+async def test_a_batch_settles_each_run_once_with_duplicates_and_superseded_attempts(
+    db_pool: asyncpg.Pool,
+) -> None:
+    job_id, (first, second, third) = await make_job(db_pool, runs=3)
+    await db_pool.execute("UPDATE runs SET attempt = 2 WHERE id = $1", second)
+    outcomes = await settle_done_batch(db_pool, [
+        done(first, outputs={"out.csv": "a"}),
+        done(first, "failure", source_problem="conform_failed", error="a second report"),
+        done(second, "failure", source_problem="conform_failed", error="superseded"),
+        done(second, attempt=2, outputs={"out.csv": "b"}),
+        done(third, "failure", source_problem="download_failed", error="HTTP 503",
+             retryable=True),
+    ], RULES)
+    assert [o.action for o in outcomes] == ["settled", "ignored", "ignored", "settled", "retry"]
+    rows = {r["id"]: r for r in await db_pool.fetch("SELECT * FROM runs")}
+    assert (rows[first]["status"], rows[first]["outputs"]) == ("success", {"out.csv": "a"})
+    assert (rows[second]["status"], rows[second]["outputs"]) == ("success", {"out.csv": "b"})
+    assert (rows[third]["status"], rows[third]["attempt"]) == (None, 2)
+    # The job waits for its third run.
+    assert await db_pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) is None
+    outcomes = await settle_done_batch(db_pool, [done(third, attempt=2)], RULES)
+    assert [(o.action, o.job_finished) for o in outcomes] == [("settled", True)]
+    assert [r["state"] for r in await db_pool.fetch("SELECT state FROM statuses")] == ["success"]
+
+
+async def test_the_batcher_settles_a_bad_message_apart_and_keeps_what_postgresql_refuses(
+    db_pool: asyncpg.Pool,
+) -> None:
+    _, (clean, with_nul) = await make_job(db_pool, runs=2)
+    batcher = DoneBatcher(db_pool, RULES)
+    try:
+        results = await asyncio.gather(
+            batcher.settle(done(clean)),
+            # jsonb cannot hold \\u0000: the batch fails, then this one is stored without it.
+            batcher.settle(done(with_nul, "failure", source_problem="conform_failed",
+                                error="bad byte \x00 in a name",
+                                state={"error": "bad byte \x00 in a name"})),
+        )
+    finally:
+        await batcher.close()
+    assert [r.action for r in results] == ["settled", "settled"]
+    row = await db_pool.fetchrow("SELECT error, state FROM runs WHERE id = $1", with_nul)
+    assert row["error"] == "bad byte  in a name"
+    assert row["state"] == {"error": "bad byte  in a name"}

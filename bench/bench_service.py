@@ -1,0 +1,318 @@
+"""Benchmark: the service around the engine, on the real PostgreSQL and RabbitMQ.
+
+Usage::
+
+    .venv/bin/python -m bench.bench_service settle [--runs 5000]
+    .venv/bin/python -m bench.bench_service pipeline [--runs 1000] [--rate 3] [--workers 2]
+
+``settle``: the dequeuer alone. ``runs`` open runs (ten per job) get their `done` published
+into the `done` queue first; then a :class:`Dequeuer` starts in this process and the clock runs
+until every run is settled (each settlement a transaction: the run, the job once its last run
+is in, the commit status into the outbox). Prints runs per second.
+
+``pipeline``: the whole system as real processes (``python -m services webhook``, ``worker`` ×
+``workers``, ``dequeuer``), GitHub and a data provider played in this process. ``runs`` pushes
+of one new source each (a two-row CSV) arrive at ``rate`` per second, below capacity. For each
+push: *latency* is push sent → the final commit status received by the GitHub stand-in; the
+*pipeline's own cost* is that latency minus the run's own ``process time`` (its child
+process, from index.json). Prints p50, p99 and max of both.
+
+Each mode uses a fresh database (``oa_bench_<hex>``) and virtual host, removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from services.demo.demo import deliver, push_payload
+from services.demo.github import GitHubStandIn
+from services.dequeuer.service import PREFETCH, Dequeuer
+from shared.broker import Broker
+from shared.config import Settings
+from shared.db import create_pool, migrate
+from shared.github import GitHub
+from shared.logging import configure_logging
+from shared.messages import EXCHANGE_DONE, ROUTE_DONE, Done
+
+SERVER = os.environ.get("OA_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+AMQP = os.environ.get("OA_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
+REPO = "bench/sources"
+SECRET = "bench-secret"
+CSV = b"lon,lat,number,street\n-100.1,38.1,1,Elm St\n-100.2,38.2,2,Oak Ave\n"
+
+
+@contextlib.asynccontextmanager
+async def fresh_backends() -> AsyncIterator[tuple[str, str]]:
+    """A migrated database and a virtual host of their own; both removed afterwards."""
+    name = f"oa_bench_{uuid.uuid4().hex[:10]}"
+    vhost = f"oa-bench-{uuid.uuid4().hex[:10]}"
+    database_url = f"{SERVER}/{name}"
+    await migrate(database_url)
+    await _rabbitmqctl("add_vhost", vhost)
+    await _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield database_url, f"{AMQP}/{quote(vhost, safe='')}"
+    finally:
+        await _rabbitmqctl("delete_vhost", vhost)
+        conn = await asyncpg.connect(f"{SERVER}/postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+async def _rabbitmqctl(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec("rabbitmqctl", "-q", *args)
+    if await process.wait() != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed")
+
+
+# --- the dequeuer alone -------------------------------------------------------------------
+
+
+async def bench_settle(runs: int) -> None:
+    async with fresh_backends() as (database_url, amqp_url):
+        settings = Settings(database_url=database_url, amqp_url=amqp_url, metrics_port=0)
+        pool = await create_pool(database_url, min_size=2, max_size=10)
+        broker = await Broker.connect(amqp_url)
+        stand_in = GitHubStandIn()
+        await stand_in.start()
+        github = GitHub.open(stand_in.url, None)
+        try:
+            run_ids = await _open_runs(pool, runs)
+            for run_id in run_ids:
+                await broker.publish(EXCHANGE_DONE, ROUTE_DONE, Done(
+                    run_id=run_id, worker="bench", status="success",
+                    outputs={"out.csv": f"runs/{run_id}/out.csv"},
+                    state={"feature count": 2, "process time": 0.2},
+                ))
+            consumer = await Broker.connect(amqp_url, prefetch=PREFETCH)
+            dequeuer = Dequeuer(settings, pool, consumer, github)
+            started = time.perf_counter()
+            task = asyncio.create_task(dequeuer.run(probes=False))
+            while await pool.fetchval("SELECT count(*) FROM runs WHERE status IS NULL"):
+                await asyncio.sleep(0.02)
+            elapsed = time.perf_counter() - started
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await consumer.close()
+            jobs = await pool.fetchval("SELECT count(*) FROM jobs WHERE status = 'success'")
+            print(f"settle: {runs} runs ({jobs} jobs) settled in {elapsed:.2f} s: "
+                  f"{runs / elapsed:,.0f} runs/s")
+        finally:
+            await github.close()
+            await stand_in.stop()
+            await broker.close()
+            await pool.close()
+
+
+async def _open_runs(pool: asyncpg.Pool, runs: int) -> list[int]:
+    run_ids: list[int] = []
+    async with pool.acquire() as conn:
+        for start in range(0, runs, 10):
+            job_id = await conn.fetchval(
+                "INSERT INTO jobs (delivery_id, event, repo, sha, ref) VALUES ($1, 'push', $2,"
+                " $3, 'refs/heads/main') RETURNING id", uuid.uuid4().hex, REPO, "d" * 40)
+            rows = await conn.fetch(
+                """
+                INSERT INTO runs (job_id, source_path, layer, entry_name, queued_at, lease_until)
+                SELECT $1, 'sources/bench/' || n || '.json', 'addresses', 'city', now(),
+                       now() + interval '1 hour'
+                FROM generate_series(1, $2) AS n RETURNING id
+                """,
+                job_id, min(10, runs - start),
+            )
+            run_ids.extend(row["id"] for row in rows)
+    return run_ids
+
+
+# --- the whole pipeline ---------------------------------------------------------------------
+
+
+class TimedGitHub(GitHubStandIn):
+    """The GitHub stand-in, noting when each commit's final status arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.final_at: dict[str, float] = {}
+        self.final_seen = asyncio.Event()
+
+    async def _status(self, request: web.Request) -> web.Response:
+        response = await super()._status(request)
+        posted = self.statuses[-1] if self.statuses else None
+        if response.status == 201 and posted is not None and posted.state != "pending":
+            self.final_at[posted.sha] = time.perf_counter()
+            self.final_seen.set()
+        return response
+
+
+async def bench_pipeline(runs: int, rate: float, workers: int) -> None:
+    async with fresh_backends() as (database_url, amqp_url):
+        github = TimedGitHub()
+        await github.start()
+        data = web.Application()
+
+        async def rows(_request: web.Request) -> web.Response:
+            return web.Response(body=CSV)
+
+        data.router.add_get("/rows.csv", rows)
+        data_runner = web.AppRunner(data, access_log=None)
+        await data_runner.setup()
+        site = web.TCPSite(data_runner, "127.0.0.1", 0)
+        await site.start()
+        data_url = f"http://127.0.0.1:{data_runner.addresses[0][1]}/rows.csv"
+        with tempfile.TemporaryDirectory(prefix="oa-bench-") as tmp:
+            port = _free_port()
+            env = {
+                **{k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES},
+                "DATABASE_URL": database_url, "AMQP_URL": amqp_url,
+                "STORAGE_URL": Path(tmp, "storage").as_uri(), "GITHUB_API_URL": github.url,
+                "WEBHOOK_SECRETS": SECRET, "ALLOW_PRIVATE_URLS": "true", "HTTP_PORT": str(port),
+                "METRICS_PORT": "0", "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
+            }
+            names = ["webhook", "dequeuer", *(["worker"] * workers)]
+            processes = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "services", name,
+                    env={**env, "WORK_DIR": str(Path(tmp, f"work-{index}"))},
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                )
+                for index, name in enumerate(names)
+            ]
+            try:
+                base = f"http://127.0.0.1:{port}"
+                await _wait_ready(base)
+                await asyncio.sleep(3)  # workers subscribed, zygotes warm
+                sent = await _push_all(github, base, data_url, runs, rate)
+                deadline = time.perf_counter() + 120
+                while len(github.final_at) < runs and time.perf_counter() < deadline:
+                    github.final_seen.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(github.final_seen.wait(), 5)
+                await _report(database_url, github, sent, runs, rate, workers)
+            finally:
+                for process in processes:
+                    process.terminate()
+                for process in processes:
+                    try:
+                        await asyncio.wait_for(process.wait(), 30)
+                    except TimeoutError:
+                        process.kill()
+        await github.stop()
+        await data_runner.cleanup()
+
+
+_SETTING_NAMES = {name.upper() for name in Settings.model_fields}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_ready(base: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{base}/health/ready") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise RuntimeError("the webhook never became ready")
+
+
+async def _push_all(
+    github: TimedGitHub, base: str, data_url: str, runs: int, rate: float
+) -> dict[str, float]:
+    sent: dict[str, float] = {}
+    source = json.dumps({
+        "schema": 2, "coverage": {"country": "us", "state": "ks"},
+        "layers": {"addresses": [{
+            "name": "city", "data": data_url, "protocol": "http",
+            "conform": {"format": "csv", "lon": "lon", "lat": "lat", "number": "number",
+                        "street": "street"}}]},
+    }).encode()
+    pushes: list[asyncio.Task[object]] = []
+    started = time.perf_counter()
+    for index in range(runs):
+        sha = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+        path = f"sources/bench/s{index}.json"
+        github.add_file(REPO, path, sha, source)
+        # Arrivals on a fixed clock, not after the previous answer: an open system.
+        await asyncio.sleep(max(0.0, started + index / rate - time.perf_counter()))
+        sent[sha] = time.perf_counter()
+        pushes.append(asyncio.create_task(
+            deliver(base, "push", push_payload(REPO, sha, [path]), SECRET)))
+    await asyncio.gather(*pushes)
+    return sent
+
+
+async def _report(database_url: str, github: TimedGitHub, sent: dict[str, float], runs: int,
+                  rate: float, workers: int) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT j.sha, r.status, (r.state::jsonb ->> 'process time')::float AS process_s "
+            "FROM runs r JOIN jobs j ON j.id = r.job_id")
+    finally:
+        await conn.close()
+    process_s = {row["sha"]: row["process_s"] or 0.0 for row in rows}
+    statuses = [row["status"] for row in rows]
+    latencies = sorted(github.final_at[sha] - sent[sha] for sha in sent if sha in github.final_at)
+    own = sorted(github.final_at[sha] - sent[sha] - process_s.get(sha, 0.0)
+                 for sha in sent if sha in github.final_at)
+    print(f"pipeline: {runs} pushes at {rate:g}/s, {workers} workers; "
+          f"{len(latencies)} final statuses; runs {statuses.count('success')} succeeded")
+
+    def line(name: str, values: list[float]) -> str:
+        if not values:
+            return f"  {name}: none"
+        p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
+        return (f"  {name}: p50 {statistics.median(values) * 1000:,.0f} ms, "
+                f"p99 {p99 * 1000:,.0f} ms, max {values[-1] * 1000:,.0f} ms")
+
+    print(line("push -> final status", latencies))
+    print(line("pipeline's own cost (minus process time)", own))
+    print(line("run process time", sorted(process_s.values())))
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_service", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    settle = modes.add_parser("settle", help="the dequeuer alone")
+    settle.add_argument("--runs", type=int, default=5000)
+    pipeline = modes.add_parser("pipeline", help="the whole system as processes")
+    pipeline.add_argument("--runs", type=int, default=1000)
+    pipeline.add_argument("--rate", type=float, default=3.0, help="pushes per second")
+    pipeline.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    # As a service logs in production (JSON, info): its cost is part of what is measured.
+    configure_logging("json", "info", service="bench")
+    if args.mode == "settle":
+        asyncio.run(bench_settle(args.runs))
+    else:
+        asyncio.run(bench_pipeline(args.runs, args.rate, args.workers))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
