@@ -1,8 +1,10 @@
 """``python -m bench``: every benchmark, one after the other, each in its own process.
 
 The micro-benchmarks (conform functions, readers, writers) first, then the end-to-end
-``process-one`` benchmark (``bench.pipeline``), whose figures docs/benchmarks.md records.
-Arguments after ``--`` go to ``bench.pipeline`` (e.g. ``python -m bench -- --repeat 1``).
+``process-one`` benchmark (``bench.pipeline``), then the service's (``bench.bench_service``:
+the dequeuer's settling rate and the whole pipeline's latency, on the local PostgreSQL and
+RabbitMQ); docs/benchmarks.md records their figures. Arguments after ``--`` go to
+``bench.pipeline`` (e.g. ``python -m bench -- --repeat 1``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ MICRO = (
 def main(argv: list[str]) -> int:
     pipeline_args = argv[argv.index("--") + 1:] if "--" in argv else []
     failed = 0
-    for module in (*MICRO, "bench.pipeline"):
-        print(f"\n== python -m {module}", flush=True)
-        args = pipeline_args if module == "bench.pipeline" else []
+    runs: list[tuple[str, list[str]]] = [(module, []) for module in MICRO]
+    runs += [
+        ("bench.pipeline", pipeline_args),
+        ("bench.bench_service", ["settle"]),
+        ("bench.bench_service", ["pipeline"]),
+    ]
+    for module, args in runs:
+        print(f"\n== python -m {module} {' '.join(args)}", flush=True)
         failed |= subprocess.run([sys.executable, "-m", module, *args], check=False).returncode
     return 1 if failed else 0
 

@@ -107,7 +107,7 @@ async def bench_settle(runs: int) -> None:
             started = time.perf_counter()
             task = asyncio.create_task(dequeuer.run(probes=False))
             while await pool.fetchval("SELECT count(*) FROM runs WHERE status IS NULL"):
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.1)
             elapsed = time.perf_counter() - started
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -206,6 +206,8 @@ async def bench_pipeline(runs: int, rate: float, workers: int) -> None:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(github.final_seen.wait(), 5)
                 await _report(database_url, github, sent, runs, rate, workers)
+                _report_cpu(dict(zip([f"{n}-{i}" for i, n in enumerate(names)],
+                                     [p.pid for p in processes], strict=True)), runs)
             finally:
                 for process in processes:
                     process.terminate()
@@ -290,9 +292,35 @@ async def _report(database_url: str, github: TimedGitHub, sent: dict[str, float]
         return (f"  {name}: p50 {statistics.median(values) * 1000:,.0f} ms, "
                 f"p99 {p99 * 1000:,.0f} ms, max {values[-1] * 1000:,.0f} ms")
 
+    if github.final_at:
+        span_s = max(github.final_at.values()) - min(sent.values())
+        print(f"  throughput: {len(github.final_at)} final statuses in {span_s:.1f} s "
+              f"({len(github.final_at) / span_s:.2f} runs/s)")
     print(line("push -> final status", latencies))
     print(line("pipeline's own cost (minus process time)", own))
     print(line("run process time", sorted(process_s.values())))
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and of every process below it (alive or reaped)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # utime, stime, cutime, cstime are fields 14-17 of stat; after the ")" they start at 11.
+    total += sum(int(value) for value in fields[11:15]) / ticks
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            total += _cpu_s(int(child))
+    return total
+
+
+def _report_cpu(pids: dict[str, int], runs: int) -> None:
+    """Where the CPU went, per service process (its descendants included), per run."""
+    parts = [f"{name} {_cpu_s(pid) / runs * 1000:.0f}" for name, pid in pids.items()]
+    print("  CPU ms per run: " + ", ".join(parts))
 
 
 def main(argv: list[str]) -> None:

@@ -243,6 +243,11 @@ def _json_path(parts: Any) -> str:
     return out
 
 
+def prepare_validator() -> None:
+    """Build the source schema's validator now rather than on the first validation."""
+    _validator()
+
+
 @functools.cache
 def _validator() -> Draft7Validator:
     # Compiled once per process: building the registry reads ~40 files.

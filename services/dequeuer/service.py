@@ -1,10 +1,11 @@
 """The dequeuer: settles runs from `done` (results, heartbeats, hand-backs) and `due`, finishes
 jobs, sends the commit-status outbox, gives lost work back, and watches workers and queues.
 
-Its chores run every :data:`TICK` (sooner when a handler asks): statuses to GitHub, `due` for
-runs past their deadline, expired leases and vanished tasks (``recovery.py``), the dispatcher for
-unqueued runs (``shared/dispatch.py``), worker states and gauges (``watch.py``). Every chore is
-guarded in SQL, so any number of dequeuers may run side by side.
+Its chores run every :data:`TICK`: statuses to GitHub, `due` for runs past their deadline,
+expired leases and vanished tasks (``recovery.py``), the dispatcher for unqueued runs
+(``shared/dispatch.py``), worker states and gauges (``watch.py``). A finished job or a released
+run wakes the quick ones at once (statuses and the dispatcher, :meth:`Dequeuer.hurry`). Every
+chore is guarded in SQL, so any number of dequeuers may run side by side.
 """
 
 from __future__ import annotations
@@ -110,10 +111,20 @@ class Dequeuer:
 
     async def tick(self) -> None:
         """One round of every chore."""
-        await send_statuses(self.pool, self.github)
+        await self.hurry()
         for due in await overdue_runs(self.pool):
             await self.broker.publish(EXCHANGE_DUE, ROUTE_DUE, due)
         await self._recover()
+        await self._dispatch()
+        await update_worker_states(self.pool, self.settings)
+        await refresh_gauges(self.pool, self.broker)
+
+    async def hurry(self) -> None:
+        """What cannot wait for the next tick: statuses of finished jobs, runs to queue."""
+        await send_statuses(self.pool, self.github)
+        await self._dispatch()
+
+    async def _dispatch(self) -> None:
         for _ in range(DISPATCH_ROUNDS):
             result = await dispatch(
                 self.pool, self.broker, run_timeout_s=self.settings.run_timeout_s,
@@ -121,8 +132,6 @@ class Dequeuer:
             )
             if result.queued + result.failed < BATCH or result.left:
                 break
-        await update_worker_states(self.pool, self.settings)
-        await refresh_gauges(self.pool, self.broker)
 
     async def _recover(self) -> None:
         if not self.recovery_allowed():
@@ -168,9 +177,16 @@ class Dequeuer:
 
     async def _chores(self) -> None:
         log.info("dequeuer.started")
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
         while True:
+            full = loop.time() >= next_tick
             try:
-                await self.tick()
+                if full:
+                    next_tick = loop.time() + TICK.total_seconds()
+                    await self.tick()
+                else:
+                    await self.hurry()
             except Exception as exc:  # a failed chore must not stop consumption; it runs again
                 if is_outage(exc):
                     self._last_trouble_at = time.monotonic()
@@ -179,8 +195,9 @@ class Dequeuer:
                     log.exception("dequeuer.tick_failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                # A settled job wakes the loop early so its status goes out at once.
-                await asyncio.wait_for(self._wake.wait(), TICK.total_seconds())
+                # A finished job or a released run wakes the loop early, for the quick chores
+                # only; the full round keeps its pace.
+                await asyncio.wait_for(self._wake.wait(), max(next_tick - loop.time(), 0.0))
 
 
 async def serve(settings: Settings) -> None:

@@ -289,6 +289,7 @@ async def serve(settings: Settings, worker_ref: list[Worker] | None = None, *,
     """
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     # Runs fork from the zygote; it imports while we connect, so the first run waits less.
+    ZYGOTE.for_service()
     ZYGOTE.start()
     broker = Broker(settings.amqp_url, prefetch=settings.worker_concurrency)
     broker.start()

@@ -48,9 +48,15 @@ class ZygoteLost(Exception):
 
 
 #: Modules every run needs, imported once by the zygote (what ``services.worker.child`` imports
-#: at its top). pyogrio (GDAL) and Pillow stay out on purpose: they are loaded by the runs that
-#: need them, and preloaded they would add ~55 MiB to the resident size of every CSV run.
+#: at its top). pyogrio (GDAL) stays out on purpose: it is loaded by the runs that need it, and
+#: preloaded it would add most of ~55 MiB to the resident size of every CSV run.
 PRELOAD = ("services.worker.child",)
+#: What the worker service's zygote imports besides (``python -m services.worker.zygote
+#: --service``): almost every run there downloads over HTTP (aiohttp, deferred in the modules
+#: so that a ``process-one`` of a local file does not pay for it) and every successful one draws
+#: a PNG preview. In a forked child each of these imports cost again on every run, about
+#: 0.3 s of a trivial run's 0.5 s (docs/benchmarks.md); imported once here, they cost nothing.
+SERVICE_PRELOAD = ("aiohttp", "yarl", "PIL.Image", "PIL.PngImagePlugin")
 
 
 # --- the zygote process ------------------------------------------------------------------------
@@ -172,12 +178,18 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     # Ctrl-C on `process-one` reaches the whole foreground group: the command itself stops
     # the run, then closes the pipe, which ends the zygote.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for name in PRELOAD:
+    service = "--service" in (sys.argv[1:] if argv is None else argv)
+    for name in (*PRELOAD, *(SERVICE_PRELOAD if service else ())):
         __import__(name)
+    if service:
+        # The source schema's validator takes ~30 ms to build; built here, every run has it.
+        from shared.sources import prepare_validator
+
+        prepare_validator()
     try:
         serve()
     except BrokenPipeError:
@@ -227,6 +239,12 @@ class Zygote:
         self._forks: dict[int, concurrent.futures.Future[RunProcess]] = {}
         self._ends: dict[int, concurrent.futures.Future[int]] = {}
         self._ready = threading.Event()
+
+    def for_service(self) -> None:
+        """Preload what the worker service's runs need (:data:`SERVICE_PRELOAD`); call before
+        :meth:`start`."""
+        if "--service" not in self.command:
+            self.command = [*self.command, "--service"]
 
     def start(self) -> None:
         """Start the zygote unless it runs; returns at once (it imports in the background)."""

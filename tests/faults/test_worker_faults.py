@@ -114,3 +114,24 @@ async def test_a_run_that_hangs_past_its_limit_times_out_and_frees_the_worker(
     assert (following["status"], following["worker"]) == ("success", "worker-a")
     assert finished_events(dequeuer) == {hung["id"]: 1, following["id"]: 1}
     assert worker.alive
+
+
+async def test_a_transient_download_failure_is_retried_as_a_whole_run_later(
+    system: System,
+) -> None:
+    # Three 503s use up the run's own tries (tries=3); the whole run is tried again later and
+    # then the server answers.
+    system.data.add("/flaky.csv", ROWS, failures=[503, 503, 503])
+    system.extra_env.update({"RUN_RETRY_DELAY_S": "1", "RUN_RETRY_MAX": "2"})
+    dequeuer = system.start("dequeuer", ["dequeuer"])
+    await system.start_webhook()
+    worker = system.start_worker("worker-a")
+    await worker.wait_for_event_async("broker.consuming", timeout_s=60)
+    await system.push(data_path="/flaky.csv")
+    await wait_until(lambda: system.all_settled(1), timeout_s=120, what="the retried run")
+    (run,) = await system.runs()
+    assert (run["status"], run["attempt"], run["retries"]) == ("success", 2, 1), dict(run)
+    (scheduled,) = dequeuer.events("run.retry_scheduled", run_id=run["id"])
+    assert "HTTP 503" in scheduled["error"]
+    assert [e["attempt"] for e in worker.events("run.started")] == [1, 2]
+    assert finished_events(dequeuer) == {run["id"]: 1}

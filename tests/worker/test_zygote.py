@@ -132,3 +132,23 @@ async def test_a_zygote_that_answers_nonsense_is_stopped_and_the_run_lost(
     process = fake._process
     assert process is None or process.poll() is not None
     fake.close()
+
+
+@pytest.mark.parametrize("service", [False, True])
+def test_the_service_zygote_preloads_what_runs_download_and_draw_with(service: bool) -> None:
+    """In a forked child an import costs again on every run: the worker service's zygote has
+    aiohttp and Pillow's PNG writer loaded before the first fork; process-one's does not."""
+    command = [sys.executable, "-m", "services.worker.zygote", *(["--service"] if service else [])]
+    zygote = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert zygote.stdout is not None
+        assert json.loads(zygote.stdout.readline()) == {"ready": True}
+        maps = Path(f"/proc/{zygote.pid}/maps").read_text()
+    finally:
+        assert zygote.stdin is not None
+        zygote.stdin.close()
+        zygote.wait(30)
+    # Compiled extensions of aiohttp and Pillow are mapped once imported.
+    assert ("site-packages/aiohttp/" in maps) is service
+    assert ("site-packages/PIL/" in maps) is service
+    assert "site-packages/pyarrow/" in maps
