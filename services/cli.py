@@ -25,6 +25,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     commands.add_parser("up", help="run every service (demo mode without GITHUB_TOKEN)")
     commands.add_parser("migrate", help="create the database if needed and apply migrations")
+    dead = commands.add_parser(
+        "dead-letters",
+        help="count the messages in the dead queue by where they died; --replay puts them back",
+    )
+    dead.add_argument(
+        "--replay", action="store_true",
+        help="send each dead message back to the exchange and route it died from, retry count "
+             "cleared (after fixing what made its handler fail)",
+    )
     one = commands.add_parser("process-one", help="process one source entry into a folder")
     one.add_argument("source", help="path of the source JSON file")
     one.add_argument("outdir", help="folder for the outputs")
@@ -61,6 +70,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         start("up", lambda settings: run_service(up(settings)))
     elif args.command == "migrate":
         start("migrate", _migrate)
+    elif args.command == "dead-letters":
+        start("dead-letters", lambda settings: _dead_letters(settings, replay=args.replay))
     else:
         from services.worker.process_one import process_one
 
@@ -82,3 +93,29 @@ def _migrate(settings: Settings) -> None:
 
     applied = asyncio.run(migrate(settings.database_url))
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+
+
+def _dead_letters(settings: Settings, *, replay: bool) -> None:
+    import asyncio
+
+    from shared.broker import Broker
+    from shared.dead_letters import replay as replay_dead
+    from shared.dead_letters import summarise
+
+    async def run() -> None:
+        broker = Broker(settings.amqp_url)
+        try:
+            await broker.wait_ready(timeout_s=30)
+            if replay:
+                replayed, left = await replay_dead(broker)
+                print(f"replayed {replayed} message(s); {left} without an origin left in dead")
+                return
+            counts = await summarise(broker)
+            if not counts:
+                print("the dead queue is empty")
+            for (queue, kind), number in sorted(counts.items()):
+                print(f"{number:8d}  {kind} from {queue}")
+        finally:
+            await broker.close()
+
+    asyncio.run(run())

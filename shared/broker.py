@@ -325,6 +325,17 @@ class Broker:
         await self._publish_raw(exchange, routing_key, amqp_message)
         log.debug("broker.published", exchange=exchange, routing_key=routing_key, kind=kind)
 
+    async def publish_raw(
+        self, exchange: str, routing_key: str, amqp_message: aio_pika.Message
+    ) -> None:
+        """Publish an AMQP message as it is (tools that move messages between queues)."""
+        await self._publish_raw(exchange, routing_key, amqp_message)
+
+    async def channel(self) -> AbstractRobustChannel:
+        """A new channel of this connection (tools); close it when done."""
+        await self._opened.wait()
+        return await self._require_connection().channel()
+
     async def _publish_raw(
         self, exchange: str, routing_key: str, amqp_message: aio_pika.Message
     ) -> None:

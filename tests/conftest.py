@@ -32,6 +32,14 @@ from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.storage import LocalStorage, S3Storage
 
+# Servers of a test module's own, for the tests that stop, kill and restart them (fault tests).
+from tests.support.fault_fixtures import (  # noqa: F401  (fixtures, used by name)
+    own_database_url,
+    own_postgres,
+    own_rabbitmq,
+    service_processes,
+)
+
 POSTGRES_SERVER_URL = os.environ.get("OA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 AMQP_SERVER_URL = os.environ.get("OA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 

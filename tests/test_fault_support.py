@@ -19,8 +19,6 @@ from tests.conftest import POSTGRES_SERVER_URL
 from tests.support.processes import ServiceProcesses
 from tests.support.servers import PostgresServer, RabbitServer
 
-pytest_plugins = ["tests.support.fault_fixtures"]
-
 SHARED_PORTS = (5432, 5672)
 
 

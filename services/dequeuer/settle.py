@@ -108,6 +108,8 @@ async def settle_done_batch(
         if done.status == "failure" and done.retryable:
             outcomes[index] = await settle_done(pool, done, rules)
         elif (done.run_id, done.attempt) in seen:
+            log.info("run.duplicate_done", run_id=done.run_id, attempt=done.attempt,
+                     detail="the same attempt twice in one batch")
             outcomes[index] = Outcome("ignored")
         else:
             # Two attempts of one run may both be here: only the current one can match.

@@ -11,20 +11,15 @@ import pytest_asyncio
 from services.demo.github import GitHubStandIn
 from tests.faults.harness import ROWS, System, new_vhost
 from tests.support.dataserver import DataServer
-from tests.support.fault_fixtures import (  # noqa: F401  (fixtures used by name)
-    own_postgres,
-    own_rabbitmq,
-    service_processes,
-)
 from tests.support.processes import ServiceProcesses
 from tests.support.servers import PostgresServer, RabbitServer
 
 
 @pytest_asyncio.fixture
 async def system(
-    own_postgres: PostgresServer,  # noqa: F811
-    own_rabbitmq: RabbitServer,  # noqa: F811
-    service_processes: ServiceProcesses,  # noqa: F811
+    own_postgres: PostgresServer,
+    own_rabbitmq: RabbitServer,
+    service_processes: ServiceProcesses,
     tmp_path: Path,
 ) -> AsyncIterator[System]:
     """Fresh database, virtual host, storage, GitHub and data provider; no service yet."""

@@ -1,6 +1,5 @@
-"""Pytest fixtures for fault tests; a test module takes them with
-
-    pytest_plugins = ["tests.support.fault_fixtures"]
+"""Pytest fixtures for fault tests; ``tests/conftest.py`` imports them, so every test can ask
+for them by name.
 
 * ``own_postgres`` (module): a started :class:`PostgresServer` of the module's own, closed
   (stopped, files removed) at the end. Tests may stop, kill and restart it; one that leaves it
