@@ -3,7 +3,8 @@
     OAMachineError
     ├── ConfigError          a setting is missing or invalid; the service stops at start
     ├── StorageError         object storage failed (wraps botocore / OS errors)
-    │   └── NotFound         the key does not exist
+    │   ├── NotFound         the key does not exist
+    │   └── StorageUnavailable  the store is unreachable, overloaded or failing (5xx): try later
     ├── GitHubError          GitHub's API answered with an error or not at all
     │   └── NotACommit       a commit SHA is malformed; refused before any request
     ├── BrokerError          RabbitMQ refused, could not route, or is unreachable
@@ -32,6 +33,11 @@ class StorageError(OAMachineError):
 
 class NotFound(StorageError):
     """The storage key does not exist."""
+
+
+class StorageUnavailable(StorageError):
+    """The store cannot be reached or answers that it is failing (5xx, throttling): the same
+    operation may succeed later."""
 
 
 class GitHubError(OAMachineError):

@@ -17,7 +17,7 @@ import random
 import aiormq.exceptions
 import asyncpg
 
-from shared.errors import BrokerError, NotFound, StorageError
+from shared.errors import BrokerError, OAMachineError, StorageUnavailable
 
 #: SQLSTATE classes and codes that mean "the server is unavailable or busy", not "bad query":
 #: 08 connection exceptions, 53 insufficient resources (too many connections, disk full),
@@ -38,13 +38,16 @@ _CLIENT_BUGS = (
 def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` means PostgreSQL, RabbitMQ or storage is unreachable or restarting.
 
-    Looks through ``raise ... from`` chains, so an error translated at a boundary keeps its
-    meaning.
+    Our own errors (:class:`shared.errors.OAMachineError`) say it by their type, decided where
+    a library's error was translated; a library's error is looked at through its ``raise ...
+    from`` chain.
     """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, OAMachineError):
+            return isinstance(current, BrokerError | StorageUnavailable)
         if _is_outage_itself(current):
             return True
         current = current.__cause__
@@ -67,9 +70,7 @@ def _is_outage_itself(exc: BaseException) -> bool:
     if isinstance(exc, aiormq.exceptions.AMQPError | aiormq.exceptions.ChannelInvalidStateError):
         # A closed channel or connection; aiormq raises the latter as a RuntimeError.
         return True
-    if isinstance(exc, BrokerError):
-        return True
-    return isinstance(exc, StorageError) and not isinstance(exc, NotFound)
+    return False
 
 
 class Backoff:

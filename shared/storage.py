@@ -31,7 +31,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from shared.errors import NotFound, StorageError
+from shared.errors import NotFound, StorageError, StorageUnavailable
 
 if TYPE_CHECKING:
     from shared.config import Settings
@@ -42,6 +42,11 @@ MULTIPART_THRESHOLD_BYTES = 100 * 1024 * 1024
 #: 64 MiB parts allow files of up to 640 GB within S3's 10 000-part limit.
 MULTIPART_PART_BYTES = 64 * 1024 * 1024
 _TMP_PREFIX = ".oa-tmp-"
+#: S3 error codes that mean "try again later" whatever the HTTP status.
+_TRANSIENT_S3_CODES = frozenset({
+    "SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError", "Throttling",
+    "RequestTimeTooSkewed",
+})
 
 
 def check_key(key: str) -> str:
@@ -272,9 +277,14 @@ class S3Storage(Storage):
             code = str(error.get("Code", ""))
             if key is not None and code in ("NoSuchKey", "404", "NotFound"):
                 raise NotFound(f"no such key: {key}") from exc
-            raise StorageError(f"s3 {self.bucket}: {code} {error.get('Message', '')}") from exc
+            message = f"s3 {self.bucket}: {code} {error.get('Message', '')}"
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if status >= 500 or code in _TRANSIENT_S3_CODES:
+                raise StorageUnavailable(message) from exc
+            raise StorageError(message) from exc
         except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
-            raise StorageError(f"s3 {self.bucket}: {exc!r}") from exc
+            # No answer at all (refused, reset, timed out, DNS): the store may be back later.
+            raise StorageUnavailable(f"s3 {self.bucket}: {exc!r}") from exc
 
     async def create_bucket(self) -> None:
         """Create the bucket if it does not exist (development servers and tests)."""

@@ -47,6 +47,7 @@ from shared.messages import (
     Task,
     utcnow,
 )
+from shared.outage import Backoff, is_outage
 from shared.probes import ProbeServer, broker_check
 from shared.storage import Storage, open_storage
 
@@ -138,6 +139,21 @@ class Worker:
             self._running.pop(task.run_id, None)
 
     async def _upload(self, run_id: int, outdir: Path) -> dict[str, str]:
+        """Upload the run's outputs, waiting out a storage outage (the run's heartbeats go on
+        meanwhile, so its lease holds; its deadline is the limit)."""
+        backoff = Backoff(first_s=1.0, max_s=30.0)
+        while True:
+            try:
+                return await self._upload_once(run_id, outdir)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                delay_s = backoff.next_delay_s()
+                log.warning("run.upload_waiting", run_id=run_id, error=repr(exc),
+                            retry_in_s=round(delay_s, 1))
+                await asyncio.sleep(delay_s)
+
+    async def _upload_once(self, run_id: int, outdir: Path) -> dict[str, str]:
         outputs: dict[str, str] = {}
         for path in sorted(outdir.iterdir()):
             if path.is_file():
