@@ -248,15 +248,23 @@ def _say(name: str, text: str) -> None:
 
 
 async def _run_demo(settings: Settings, demo: object) -> None:
-    from services.demo.demo import DEMO_REPO, DemoStandIns, deliver, demo_source_paths, push_payload
+    from services.demo.demo import (
+        DEMO_REPO,
+        DemoStandIns,
+        deliver,
+        demo_source_paths,
+        push_payload,
+        wait_for_job,
+    )
 
     assert isinstance(demo, DemoStandIns)
     base = f"http://{settings.http_host}:{settings.http_port}"
     await _wait_healthy(base)
     body = push_payload(DEMO_REPO, demo.sha, demo_source_paths())
     answer = await deliver(base, "push", body, demo.secret)
-    _say("up", f"demo push delivered: {answer.get('runs')} runs")
-    _say("up", f"open {answer.get('url')} to watch them (Ctrl-C stops everything)")
+    outcome = await wait_for_job(base, str(answer["delivery"]))
+    _say("up", f"demo push delivered: job {outcome.get('job_id')}")
+    _say("up", f"open {outcome.get('job_url')} to watch it (Ctrl-C stops everything)")
 
 
 async def _wait_healthy(base: str, timeout_s: float = 60.0) -> None:

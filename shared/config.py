@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     github_token: SecretStr | None = None
     webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     public_base_url: str = "http://127.0.0.1:8080"
+    #: Context of the commit statuses posted (the reference Machine's, which branch protection
+    #: rules of the sources repository may require).
+    status_context: str = Field(default="openaddresses/hooked", min_length=1, max_length=255)
 
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -77,7 +77,7 @@ async def dispatch(
                 FOR UPDATE SKIP LOCKED
             )
             RETURNING id, job_id, set_id, source_path, layer, entry_name, commit_sha, source,
-                      attempt
+                      attempt, reuse
             """,
             job_id, limit,
         )
@@ -114,7 +114,9 @@ async def _task_for(pool: asyncpg.Pool, row: asyncpg.Record, run_timeout_s: floa
         source_path=row["source_path"], layer=row["layer"], entry_name=row["entry_name"],
         commit_sha=row["commit_sha"], source=source,
         timeout_s=entry_timeout_s(entry, run_timeout_s),
-        previous=await previous_run(pool, row["source_path"], row["layer"], entry),
+        # A re-run asked for in a comment must not reuse anything: it exists to do it again.
+        previous=(await previous_run(pool, row["source_path"], row["layer"], entry)
+                  if row["reuse"] else None),
     )
 
 

@@ -1,22 +1,36 @@
-"""The few GitHub REST calls oa-machine makes: read a file at a commit, post a commit status.
+"""The GitHub REST calls oa-machine makes, and nothing else.
+
+Reading: a file at a commit (``contents``), a pull request's changed files (``pulls/{n}/files``,
+paginated), a branch's changes against another (``compare``). Writing: commit statuses and
+the one comment per pull request (created, then edited in place).
 
 The base URL is a setting so that tests and the demo can point it at a stand-in server. Which
-GitHub errors are worth retrying is decided here, once (:func:`is_permanent`).
+GitHub errors are worth retrying is decided here, once (:func:`is_permanent`). The client is
+polite: 5xx answers and lost connections are tried again a few times with a back-off; a rate
+limit (``Retry-After``, or ``X-RateLimit-Remaining: 0`` with ``X-RateLimit-Reset``) is waited
+out when the wait is short, and otherwise raised as a :class:`GitHubError` carrying
+``retry_after_s`` so that the caller reschedules the work; until the reset no request is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import re
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final, Literal
+from urllib.parse import quote
 
 import aiohttp
 
 from shared.errors import GitHubError, NotACommit
 
-STATUS_CONTEXT: Final = "openaddresses/machine"
+#: The context the reference Machine posted, which branch protection rules may require.
+STATUS_CONTEXT: Final = "openaddresses/hooked"
 StatusState = Literal["pending", "success", "failure", "error"]
 
 #: A full commit SHA. Only these go into a URL: anything else could name another resource
@@ -31,6 +45,13 @@ PERMANENT_STATUSES: Final = frozenset({400, 404, 410, 422})
 #: GitHub refuses descriptions longer than this.
 _MAX_DESCRIPTION = 140
 _TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
+#: Tries of one request while GitHub answers 5xx or the connection fails.
+_TRIES = 3
+_BACKOFF_S = 0.5
+#: A rate-limit wait up to this long happens in the client; a longer one is the caller's.
+_WAIT_IN_CLIENT_S = 10.0
+#: Pages of a pull request's files read at most (GitHub lists 3,000 files at most).
+_MAX_PAGES = 30
 #: A longer ``Retry-After`` is taken as this: a typo on the other side must not park a status
 #: for years (nor overflow a ``timedelta``).
 _MAX_RETRY_AFTER_S = 24 * 3600.0
@@ -71,6 +92,8 @@ class GitHub:
         }
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
+        #: No request before this time (epoch seconds): GitHub said the rate limit is used up.
+        self._paused_until = 0.0
 
     @classmethod
     def open(cls, api_url: str, token: str | None) -> GitHub:
@@ -88,8 +111,8 @@ class GitHub:
         move between two reads of one push.
         """
         check_sha(ref)
-        url = f"{self._api_url}/repos/{repo}/contents/{path}"
-        body = await self._request("GET", url, params={"ref": ref})
+        url = f"{self._api_url}/repos/{repo}/contents/{quote(path)}"
+        body, _links = await self._request("GET", url, params={"ref": ref})
         if not isinstance(body, dict) or body.get("type") != "file":
             raise GitHubError(f"{repo}/{path}@{ref} is not a file")
         if body.get("encoding") == "base64" and isinstance(body.get("content"), str):
@@ -98,7 +121,40 @@ class GitHub:
             except binascii.Error as exc:
                 raise GitHubError(f"{repo}/{path}@{ref}: undecodable content") from exc
         # Files over 1 MB come without inline content; their raw form is one more request away.
-        return await self._get_raw(url, ref)
+        raw, _links = await self._request(
+            "GET", url, params={"ref": ref}, accept="application/vnd.github.raw+json", raw=True
+        )
+        assert isinstance(raw, bytes)
+        return raw
+
+    async def pull_files(self, repo: str, number: int) -> list[ChangedFile]:
+        """Every file a pull request changes, following the ``Link`` header page by page."""
+        url: str | None = f"{self._api_url}/repos/{repo}/pulls/{number}/files"
+        params: dict[str, str] | None = {"per_page": "100", "page": "1"}
+        files: list[ChangedFile] = []
+        for _ in range(_MAX_PAGES):
+            if url is None:
+                break
+            body, links = await self._request("GET", url, params=params)
+            if not isinstance(body, list):
+                raise GitHubError(f"GET {url}: not a list of files")
+            files.extend(ChangedFile.of(item) for item in body if isinstance(item, dict))
+            # The next page's URL carries its own query.
+            url, params = links.get("next"), None
+        return files
+
+    async def compare(self, repo: str, base: str, head: str) -> Comparison:
+        """The files changed from the merge base of ``base`` and ``head`` to ``head``."""
+        check_sha(head)
+        url = f"{self._api_url}/repos/{repo}/compare/{quote(base, safe='')}...{head}"
+        body, _links = await self._request("GET", url)
+        if not isinstance(body, dict):
+            raise GitHubError(f"GET {url}: not a comparison")
+        merge_base = (body.get("merge_base_commit") or {}).get("sha")
+        if not isinstance(merge_base, str) or not is_sha(merge_base):
+            raise GitHubError(f"GET {url}: no merge base commit in the answer")
+        files = [ChangedFile.of(item) for item in body.get("files") or [] if isinstance(item, dict)]
+        return Comparison(merge_base, files)
 
     async def create_status(
         self,
@@ -114,42 +170,143 @@ class GitHub:
         check_sha(sha)
         payload: dict[str, Any] = {
             "state": state,
-            "description": description[:_MAX_DESCRIPTION],
+            "description": fit_description(description),
             "context": context,
         }
         if target_url:
             payload["target_url"] = target_url
-        await self._request("POST", f"{self._api_url}/repos/{repo}/statuses/{sha}", json=payload)
+        await self._request(
+            "POST", f"{self._api_url}/repos/{repo}/statuses/{sha}", json=payload, tries=1
+        )
 
-    async def _get_raw(self, url: str, ref: str) -> bytes:
-        headers = {**self._headers, "Accept": "application/vnd.github.raw+json"}
-        try:
-            async with self._session.get(url, params={"ref": ref}, headers=headers) as response:
-                if response.status >= 400:
-                    raise GitHubError(
-                        f"GET {url}: HTTP {response.status}", response.status,
-                        retry_after_s=_retry_after_s(response.headers),
-                    )
-                return await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise GitHubError(f"GET {url}: {exc!r}") from exc
+    async def create_comment(self, repo: str, number: int, body: str) -> int:
+        """Comment on issue or pull request ``number``; returns the comment's id."""
+        answer, _links = await self._request(
+            "POST", f"{self._api_url}/repos/{repo}/issues/{number}/comments",
+            json={"body": body}, tries=1,
+        )
+        comment_id = answer.get("id") if isinstance(answer, dict) else None
+        if not isinstance(comment_id, int):
+            raise GitHubError(f"comment on {repo}#{number}: no id in the answer")
+        return comment_id
 
-    async def _request(self, method: str, url: str, **kwargs: Any) -> Any:
-        try:
-            async with self._session.request(
-                method, url, headers=self._headers, **kwargs
-            ) as response:
-                if response.status >= 400:
-                    text = (await response.text())[:300]
-                    raise GitHubError(
-                        f"{method} {url}: HTTP {response.status}: {text}", response.status,
-                        retry_after_s=_retry_after_s(response.headers),
-                    )
-                if response.status == 204:
-                    return None
-                return await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise GitHubError(f"{method} {url}: {exc!r}") from exc
+    async def update_comment(self, repo: str, comment_id: int, body: str) -> None:
+        """Replace the text of comment ``comment_id``."""
+        await self._request(
+            "PATCH", f"{self._api_url}/repos/{repo}/issues/comments/{comment_id}",
+            json={"body": body}, tries=1,
+        )
+
+    async def _request(
+        self, method: str, url: str, *, accept: str | None = None, raw: bool = False,
+        tries: int = _TRIES, **kwargs: Any,
+    ) -> tuple[Any, dict[str, str]]:
+        """Send one request with the retry and rate-limit policy of the module docstring.
+
+        Returns the decoded JSON (or the bytes with ``raw``) and the ``Link`` targets by rel.
+        Writes go through the outbox, which retries them in order on its own schedule: they
+        are sent with ``tries=1``.
+        """
+        headers = dict(self._headers)
+        if accept:
+            headers["Accept"] = accept
+        failures = 0
+        while True:
+            await self._wait_for_rate_limit(f"{method} {url}")
+            try:
+                async with self._session.request(
+                    method, url, headers=headers, **kwargs
+                ) as response:
+                    self._note_rate_limit(response)
+                    if response.status >= 400:
+                        text = (await response.text())[:300]
+                        error = GitHubError(
+                            f"{method} {url}: HTTP {response.status}: {text}", response.status,
+                            retry_after_s=self._limited_for_s(response),
+                        )
+                        failures += 1
+                        # 5xx and rate limits may pass; other 4xx answers will not.
+                        passing = response.status >= 500 or error.retry_after_s is not None
+                        wait_s = (error.retry_after_s if error.retry_after_s is not None
+                                  else _BACKOFF_S * 2**failures)
+                        if not passing or failures >= tries or wait_s > _WAIT_IN_CLIENT_S:
+                            raise error
+                        await asyncio.sleep(wait_s)
+                        continue
+                    links = {rel: str(link.get("url")) for rel, link in response.links.items()}
+                    if raw:
+                        return await response.read(), links
+                    if response.status == 204:
+                        return None, links
+                    return await response.json(content_type=None), links
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failures += 1
+                if failures >= tries:
+                    raise GitHubError(f"{method} {url}: {exc!r}") from exc
+                await asyncio.sleep(_BACKOFF_S * 2 ** failures)
+            except ValueError as exc:
+                raise GitHubError(f"{method} {url}: the answer is not JSON: {exc}") from exc
+
+    def _note_rate_limit(self, response: aiohttp.ClientResponse) -> None:
+        remaining = response.headers.get("X-RateLimit-Remaining")
+        reset = response.headers.get("X-RateLimit-Reset")
+        if remaining is not None and remaining.strip() == "0" and reset is not None:
+            with contextlib.suppress(ValueError):
+                self._paused_until = max(self._paused_until, float(reset))
+
+    def _limited_for_s(self, response: aiohttp.ClientResponse) -> float | None:
+        """How long GitHub asks us to wait, from ``Retry-After`` or the rate-limit reset."""
+        after = _retry_after_s(response.headers)
+        if after is not None:
+            return after
+        if response.status in (403, 429) and self._paused_until > time.time():
+            return min(self._paused_until - time.time(), _MAX_RETRY_AFTER_S)
+        return None
+
+    async def _wait_for_rate_limit(self, what: str) -> None:
+        wait_s = self._paused_until - time.time()
+        if wait_s <= 0:
+            return
+        if wait_s > _WAIT_IN_CLIENT_S:
+            raise GitHubError(
+                f"{what}: not sent, the rate limit resets in {wait_s:.0f} s", 429,
+                retry_after_s=min(wait_s, _MAX_RETRY_AFTER_S),
+            )
+        await asyncio.sleep(wait_s)
+
+
+@dataclass(frozen=True)
+class ChangedFile:
+    """One file of a pull request or a comparison."""
+
+    filename: str
+    #: added, removed, modified, renamed, copied, changed or unchanged.
+    status: str
+    previous_filename: str | None = None
+
+    @classmethod
+    def of(cls, item: Mapping[str, Any]) -> ChangedFile:
+        previous = item.get("previous_filename")
+        return cls(str(item.get("filename", "")), str(item.get("status", "modified")),
+                   previous if isinstance(previous, str) else None)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What ``compare/{base}...{head}`` tells: the merge base and the files changed since."""
+
+    merge_base: str
+    files: list[ChangedFile]
+
+
+def fit_description(text: str) -> str:
+    """``text`` within GitHub's 140 characters, cut at a word with an ellipsis if need be."""
+    if len(text) <= _MAX_DESCRIPTION:
+        return text
+    cut = text[: _MAX_DESCRIPTION - 1]
+    if " " in cut[60:]:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,;:") + "…"
 
 
 def _retry_after_s(headers: Mapping[str, str]) -> float | None:

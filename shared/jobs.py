@@ -2,25 +2,28 @@
 
 A job is final once every one of its runs is; the first process to see that (guarded by
 ``WHERE status IS NULL``) records the outcome and queues the commit status in the outbox, in
-the same transaction. :func:`send_statuses` delivers the outbox to GitHub in order, and gives
-up on a status GitHub can never accept.
+the same transaction (and, for a pull request, a refresh of its comment). The outbox is sent
+by :func:`shared.outbox.send_statuses`.
+
+Status descriptions (one place for their wording, each within GitHub's 140 characters):
+``pending`` names what is checked ("Checking us/ca/alameda, us/ca/berkeley and 3 more"),
+``failure`` the failed sources with their problem codes, ``success`` the counts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 
 import asyncpg
 
-from shared.errors import GitHubError
-from shared.github import GitHub, StatusState, is_permanent
+from shared.github import STATUS_CONTEXT, StatusState, fit_description
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-#: Longest wait between two tries of one status while GitHub keeps failing.
-_MAX_BACKOFF = timedelta(minutes=30)
+#: The status of a job that found nothing to check (no entry new or changed).
+NOTHING_TO_CHECK = "Nothing to check"
 
 
 @dataclass(frozen=True)
@@ -46,15 +49,73 @@ async def queue_status(
     state: StatusState,
     description: str,
     target_url: str | None,
+    context: str = STATUS_CONTEXT,
 ) -> None:
     """Add a commit status to the outbox (call inside the transaction that causes it)."""
     await conn.execute(
         """
-        INSERT INTO statuses (job_id, repo, sha, state, description, target_url)
-        VALUES ($1, $2, $3, $4, $5, $6)
+        INSERT INTO statuses (job_id, repo, sha, state, description, target_url, context)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
         """,
-        job_id, repo, sha, state, description, target_url,
+        job_id, repo, sha, state, fit_description(description), target_url, context,
     )
+
+
+async def queue_comment(
+    conn: asyncpg.Connection, *, job_id: int, repo: str, sha: str, pr_number: int
+) -> None:
+    """Ask for the pull request's comment to be brought up to date (inside the transaction)."""
+    await conn.execute(
+        """
+        INSERT INTO statuses (kind, job_id, repo, sha, pr_number, description)
+        VALUES ('comment', $1, $2, $3, $4, '')
+        """,
+        job_id, repo, sha, pr_number,
+    )
+
+
+def source_name(path: str) -> str:
+    """``sources/us/ca/alameda.json`` → ``us/ca/alameda``, as contributors name sources."""
+    name = path.removeprefix("sources/")
+    return name.removesuffix(".json")
+
+
+def _names_within(prefix: str, names: Sequence[str], suffix: str = "") -> str:
+    """``prefix`` + as many ``names`` as fit in 140 characters + "and N more" + ``suffix``."""
+    shown: list[str] = []
+    for index, name in enumerate(names):
+        rest = len(names) - index - 1
+        candidate = ", ".join([*shown, name])
+        tail = f" and {rest} more" if rest else ""
+        if len(prefix + candidate + tail + suffix) > 140 and shown:
+            break
+        shown.append(name)
+    more = len(names) - len(shown)
+    text = prefix + ", ".join(shown)
+    if more:
+        text += f" and {more} more"
+    return fit_description(text + suffix)
+
+
+def describe_pending(paths: Sequence[str]) -> str:
+    """``pending``: what the job checks."""
+    names = sorted({source_name(path) for path in paths})
+    if not names:
+        return NOTHING_TO_CHECK
+    return _names_within("Checking ", names)
+
+
+def describe_outcome(
+    succeeded: int, skipped: int, failures: Sequence[tuple[str, str | None]]
+) -> str:
+    """``success`` or ``failure``: the counts, and the failed sources with their problems."""
+    if not failures:
+        if skipped:
+            return f"{succeeded} succeeded, {skipped} skipped"
+        return f"All {succeeded} run{'s' if succeeded != 1 else ''} succeeded"
+    named = [f"{source_name(path)} ({problem or 'failed'})" for path, problem in failures]
+    counts = f"; {succeeded} succeeded" if succeeded else ""
+    return _names_within("Failed: ", named, counts)
 
 
 async def settle_job(
@@ -99,21 +160,35 @@ async def settle_jobs(
         """,
         ids,
     )
-    decided: dict[int, tuple[StatusState, str]] = {}
-    for row in counts:
-        if row["open"] == 0:
-            state: StatusState = "failure" if row["failed"] else "success"
-            decided[row["job_id"]] = (
-                state, _describe(row["succeeded"], row["skipped"], row["failed"])
-            )
-    if not decided:
+    done = [row for row in counts if row["open"] == 0]
+    if not done:
         return []
+    failures: dict[int, list[tuple[str, str | None]]] = {}
+    failed_jobs = [row["job_id"] for row in done if row["failed"]]
+    if failed_jobs:
+        for failure in await conn.fetch(
+            """
+            SELECT job_id, source_path, source_problem FROM runs
+            WHERE job_id = ANY($1::bigint[]) AND status = 'failure'
+            ORDER BY job_id, source_path, id
+            """,
+            failed_jobs,
+        ):
+            failures.setdefault(failure["job_id"], []).append(
+                (failure["source_path"], failure["source_problem"]))
+    decided: dict[int, tuple[StatusState, str]] = {}
+    for row in done:
+        state: StatusState = "failure" if row["failed"] else "success"
+        decided[row["job_id"]] = (
+            state, describe_outcome(row["succeeded"], row["skipped"],
+                                    failures.get(row["job_id"], [])),
+        )
     finished = await conn.fetch(
         """
         UPDATE jobs AS j SET status = d.state, finished_at = now()
         FROM unnest($1::bigint[], $2::text[]) AS d(id, state)
         WHERE j.id = d.id AND j.status IS NULL
-        RETURNING j.id, j.repo, j.sha
+        RETURNING j.id, j.repo, j.sha, j.status_context, j.pr_number
         """,
         list(decided), [state for state, _description in decided.values()],
     )
@@ -121,19 +196,31 @@ async def settle_jobs(
     for job in sorted(finished, key=lambda row: row["id"]):
         state, description = decided[job["id"]]
         outcomes.append(JobOutcome(job["id"], state, description))
+    jobs = sorted(finished, key=lambda row: row["id"])
     if outcomes:
-        # One statement for every status, in the order of the jobs.
+        # One statement for every status, in the order of the jobs; pull requests also get
+        # their comment brought up to date.
         await conn.execute(
             """
-            INSERT INTO statuses (job_id, repo, sha, state, description, target_url)
-            SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[])
+            INSERT INTO statuses (kind, job_id, repo, sha, state, description, target_url,
+                                  context, pr_number)
+            SELECT 'status', o.job_id, o.repo, o.sha, o.state, o.description, o.target_url,
+                   o.context, NULL
+            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                        $6::text[], $7::text[])
+                 AS o(job_id, repo, sha, state, description, target_url, context)
+            UNION ALL
+            SELECT 'comment', c.job_id, c.repo, c.sha, NULL, '', NULL, 'comment', c.pr_number
+            FROM unnest($1::bigint[], $2::text[], $3::text[], $8::int[])
+                 AS c(job_id, repo, sha, pr_number)
+            WHERE c.pr_number IS NOT NULL
+            ORDER BY 1 DESC, 2
             """,
-            [o.job_id for o in outcomes],
-            [job["repo"] for job in sorted(finished, key=lambda row: row["id"])],
-            [job["sha"] for job in sorted(finished, key=lambda row: row["id"])],
-            [o.status for o in outcomes], [o.description for o in outcomes],
+            [o.job_id for o in outcomes], [job["repo"] for job in jobs],
+            [job["sha"] for job in jobs], [o.status for o in outcomes],
+            [fit_description(o.description) for o in outcomes],
             [job_url(public_base_url, o.job_id) for o in outcomes],
+            [job["status_context"] for job in jobs], [job["pr_number"] for job in jobs],
         )
     for outcome in outcomes:
         log.info("job.finished", job_id=outcome.job_id, status=outcome.status,
@@ -141,116 +228,3 @@ async def settle_jobs(
     return outcomes
 
 
-def _describe(succeeded: int, skipped: int, failed: int) -> str:
-    parts = [f"{succeeded} succeeded"]
-    if skipped:
-        parts.append(f"{skipped} skipped")
-    if failed:
-        parts.append(f"{failed} failed")
-    return "Runs: " + ", ".join(parts)
-
-
-async def send_statuses(pool: asyncpg.Pool, github: GitHub, *, limit: int = 100) -> int:
-    """Post unsent statuses oldest first; returns how many were posted.
-
-    Statuses of one commit must arrive in order (``pending`` before ``success``), so a failure
-    worth retrying stops the later statuses of its commit until its next try, which backs off
-    (and is never before GitHub's ``Retry-After``). A status GitHub can never accept
-    (:func:`shared.github.is_permanent`) is given up instead: kept with its error, never tried
-    again, and no longer in the way of the statuses after it. A row is locked while it is sent
-    (``FOR UPDATE SKIP LOCKED``) so two senders never post it twice.
-    """
-    posted = 0
-    blocked: set[tuple[str, str]] = set()
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            """
-            SELECT id, repo, sha FROM statuses
-            WHERE posted_at IS NULL AND given_up_at IS NULL AND next_try_at <= now()
-            ORDER BY id LIMIT $1
-            """,
-            limit,
-        )
-    for row in rows:
-        key = (row["repo"], row["sha"])
-        if key in blocked:
-            continue
-        async with pool.acquire() as conn, conn.transaction():
-            status = await conn.fetchrow(
-                """
-                SELECT * FROM statuses WHERE id = $1 AND posted_at IS NULL AND given_up_at IS NULL
-                FOR UPDATE SKIP LOCKED
-                """,
-                row["id"],
-            )
-            if status is None:
-                continue
-            earlier = await conn.fetchval(
-                "SELECT 1 FROM statuses WHERE repo = $1 AND sha = $2 AND id < $3"
-                " AND posted_at IS NULL AND given_up_at IS NULL",
-                status["repo"], status["sha"], status["id"],
-            )
-            if earlier:
-                blocked.add(key)
-                continue
-            try:
-                # A malformed sha raises NotACommit here, before any request: given up below.
-                await github.create_status(
-                    status["repo"], status["sha"], status["state"],
-                    description=status["description"], target_url=status["target_url"],
-                    context=status["context"],
-                )
-            except GitHubError as exc:
-                if is_permanent(exc):
-                    await _give_up(conn, status, exc)
-                else:
-                    blocked.add(key)
-                    await _try_later(conn, status, exc)
-                continue
-            await conn.execute(
-                "UPDATE statuses SET posted_at = now(), attempts = attempts + 1 WHERE id = $1",
-                status["id"],
-            )
-            posted += 1
-            log.info("status.posted", repo=status["repo"], sha=status["sha"],
-                     state=status["state"], job_id=status["job_id"])
-    return posted
-
-
-def retry_delay(attempts: int, retry_after_s: float | None) -> timedelta:
-    """How long a status that has failed ``attempts`` times (this one included) waits.
-
-    5 s doubling per attempt up to :data:`_MAX_BACKOFF`, and never less than GitHub's
-    ``Retry-After``.
-    """
-    # The exponent is capped before the power: 5 * 2**44 s no longer fits in a timedelta.
-    backoff = min(timedelta(seconds=5 * 2 ** min(attempts - 1, 20)), _MAX_BACKOFF)
-    if retry_after_s is None:
-        return backoff
-    return max(backoff, timedelta(seconds=retry_after_s))
-
-
-async def _try_later(conn: asyncpg.Connection, status: asyncpg.Record, exc: GitHubError) -> None:
-    delay = retry_delay(status["attempts"] + 1, exc.retry_after_s)
-    await conn.execute(
-        """
-        UPDATE statuses SET attempts = attempts + 1, last_error = $2,
-               next_try_at = now() + $3::interval
-        WHERE id = $1
-        """,
-        status["id"], str(exc)[:1000], delay,
-    )
-    log.warning("status.failed", status_id=status["id"], error=str(exc),
-                retry_in_s=delay.total_seconds())
-
-
-async def _give_up(conn: asyncpg.Connection, status: asyncpg.Record, exc: GitHubError) -> None:
-    await conn.execute(
-        """
-        UPDATE statuses SET given_up_at = now(), attempts = attempts + 1, last_error = $2
-        WHERE id = $1
-        """,
-        status["id"], str(exc)[:1000],
-    )
-    log.error("status.given_up", status_id=status["id"], repo=status["repo"],
-              sha=status["sha"], error=str(exc))

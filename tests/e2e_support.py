@@ -108,3 +108,15 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], *, timeout_s: float
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+async def job_of(pool: Any, delivery: str, *, timeout_s: float = 60.0) -> int:
+    """The job a stored delivery was made into, once the webhook's processor made it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job_id = await pool.fetchval(
+            "SELECT job_id FROM deliveries WHERE delivery_id = $1 AND outcome = 'job'", delivery)
+        if job_id is not None:
+            return int(job_id)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"delivery {delivery} made no job in {timeout_s:g} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from services.demo.demo import (
     demo_source_paths,
     push_payload,
     start_stand_ins,
+    wait_for_job,
 )
 from services.webhook.app import create_app
 from services.webhook.keys import BROKER
@@ -105,17 +107,22 @@ async def test_demo_push_creates_a_job_with_two_runs(
 ) -> None:
     body = push_payload(DEMO_REPO, demo.sha, demo_source_paths())
     answer: dict[str, Any] = await deliver(webhook_url, "push", body, demo.secret)
-    assert answer["runs"] == 2
-    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", answer["job"])
+    outcome = await wait_for_job(webhook_url, answer["delivery"])
+    assert outcome["state"] == "job"
+    job_id = outcome["job_id"]
+    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
     assert (job["repo"], job["sha"], job["ref"], job["status"]) == (
         DEMO_REPO, demo.sha, "refs/heads/main", None)
     runs = await db_pool.fetch(
         "SELECT source_path, layer, entry_name, status, queued_at, source FROM runs "
-        "WHERE job_id = $1 ORDER BY source_path", answer["job"])
+        "WHERE job_id = $1 ORDER BY source_path", job_id)
     assert [(r["source_path"], r["layer"], r["entry_name"], r["status"]) for r in runs] == [
         (path, "addresses", "city", None) for path in PATHS]
-    assert all(r["queued_at"] is not None for r in runs)
     assert all(demo.data_url in r["source"]["layers"]["addresses"][0]["data"] for r in runs)
+    for _ in range(100):  # queued right after the job's transaction
+        if (await broker.queue_depth(QUEUE_TASKS))[0] == 2:
+            break
+        await asyncio.sleep(0.05)
     assert (await broker.queue_depth(QUEUE_TASKS))[0] == 2
     assert demo.github.states(demo.sha) == ["pending"]
 

@@ -17,7 +17,15 @@ from pydantic import SecretStr
 from services.demo.github import GitHubStandIn
 from shared.broker import Broker
 from shared.config import Settings
-from tests.e2e_support import REPO, new_sha, push_body, running_system, signed_headers, wait_for
+from tests.e2e_support import (
+    REPO,
+    job_of,
+    new_sha,
+    push_body,
+    running_system,
+    signed_headers,
+    wait_for,
+)
 from tests.support.dataserver import DataServer
 
 SECRET = "e2e-secret"
@@ -93,11 +101,9 @@ async def test_push_is_processed_end_to_end(
         body = push_body(paths, sha)
         response = await system.client.post("/hook", data=body,
                                             headers=signed_headers(body, SECRET))
-        assert response.status == 201, await response.text()
-        answer = await response.json()
-        job_id = answer["job"]
-        assert answer["runs"] == 2
-        assert answer["url"] == f"http://oa.example.org/jobs/{job_id}"
+        assert response.status == 202, await response.text()
+        job_id = await job_of(db_pool, (await response.json())["delivery"])
+        assert await db_pool.fetchval("SELECT count(*) FROM runs WHERE job_id = $1", job_id) == 2
 
         async def job_final() -> bool:
             status = await db_pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id)
@@ -116,7 +122,7 @@ async def test_push_is_processed_end_to_end(
         ]
         assert all(r["started_at"] and r["finished_at"] and r["worker"] for r in runs)
         assert github.states(sha) == ["pending", "success"]
-        assert all(s.context == "openaddresses/machine" for s in github.statuses)
+        assert all(s.context == "openaddresses/hooked" for s in github.statuses)
         assert github.statuses[0].target_url == f"http://oa.example.org/jobs/{job_id}"
 
         lane, town = runs
@@ -178,10 +184,12 @@ async def test_redelivery_creates_no_second_job(
         headers = signed_headers(body, SECRET, delivery="delivery-1")
         first = await system.client.post("/hook", data=body, headers=headers)
         second = await system.client.post("/hook", data=body, headers=headers)
-        assert first.status == 201
-        assert second.status == 200
+        assert first.status == 202
+        assert second.status == 202
         assert (await second.json())["duplicate"] is True
-        assert (await second.json())["job"] == (await first.json())["job"]
+        await job_of(db_pool, "delivery-1")
+        third = await system.client.post("/hook", data=body, headers=headers)
+        assert (await third.json())["duplicate"] is True
 
         async def job_final() -> bool:
             # The final status leaves through the outbox after the job's own commit, so
@@ -210,7 +218,7 @@ async def test_source_whose_data_is_missing_fails_its_run_and_the_job(
         body = push_body(paths, sha)
         response = await system.client.post("/hook", data=body,
                                              headers=signed_headers(body, SECRET))
-        job_id = (await response.json())["job"]
+        job_id = await job_of(db_pool, (await response.json())["delivery"])
 
         async def job_final() -> bool:
             status = await db_pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id)
@@ -225,7 +233,7 @@ async def test_source_whose_data_is_missing_fails_its_run_and_the_job(
     assert await db_pool.fetchval(
         "SELECT count(*) FROM runs WHERE job_id = $1 AND status = 'success'", job_id) == 2
     assert github.states(sha) == ["pending", "failure"]
-    assert "1 failed" in github.statuses[-1].description
+    assert github.statuses[-1].description == "Failed: us/ks/gone (download_failed); 2 succeeded"
 
 
 async def test_unchanged_entry_and_data_reuse_the_earlier_run(
@@ -242,7 +250,7 @@ async def test_unchanged_entry_and_data_reuse_the_earlier_run(
             body = push_body([path], sha)
             response = await system.client.post("/hook", data=body,
                                                 headers=signed_headers(body, SECRET))
-            job_id = (await response.json())["job"]
+            job_id = await job_of(db_pool, (await response.json())["delivery"])
 
             async def job_final(job_id: int = job_id) -> bool:
                 return await db_pool.fetchval(

@@ -6,6 +6,7 @@ given, so the real signature check is exercised, not bypassed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -95,3 +96,21 @@ async def deliver(webhook_url: str, event: str, body: bytes, secret: str) -> dic
         if response.status >= 400:
             raise RuntimeError(f"demo delivery refused: HTTP {response.status}: {answer}")
         return answer
+
+
+async def wait_for_job(
+    webhook_url: str, delivery_id: str, *, timeout_s: float = 60.0
+) -> dict[str, object]:
+    """What became of a stored delivery, once it is something (``/api/deliveries/{id}``)."""
+    url = f"{webhook_url.rstrip('/')}/api/deliveries/{delivery_id}"
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(url) as response:
+                if response.status == 200:
+                    answer: dict[str, object] = await response.json()
+                    if answer.get("state") != "waiting":
+                        return answer
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"delivery {delivery_id} made no job in {timeout_s:g} s")
+            await asyncio.sleep(0.2)

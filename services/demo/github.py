@@ -1,14 +1,18 @@
-"""A small stand-in for the two GitHub REST endpoints oa-machine uses.
+"""A small stand-in for the GitHub REST endpoints oa-machine uses.
 
-It serves file contents the way GitHub's contents API does (base64 JSON, 404 for unknown files)
-and records every commit status posted to it. A test can script the answers to status requests
-(:meth:`GitHubStandIn.answer_statuses`: say 500 three times, then 422). `oa-machine up` uses it
-in demo mode, and the end-to-end tests use it as GitHub. It is a real HTTP server on 127.0.0.1.
+It serves file contents the way GitHub's contents API does (base64 JSON, 404 for unknown
+files), a pull request's files (paginated with a ``Link`` header, as GitHub does), comparisons,
+and keeps the commit statuses and issue comments posted to it. A test can script the answers to
+status requests (:meth:`GitHubStandIn.answer_statuses`: say 500 three times, then 422), make
+the next requests fail (:meth:`GitHubStandIn.fail_next`) or hit a rate limit
+(:meth:`GitHubStandIn.limit_rate`). `oa-machine up` uses it in demo mode, and the end-to-end
+tests use it as GitHub. It is a real HTTP server on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import base64
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +66,20 @@ class GitHubStandIn:
     status_requests: list[StatusRequest] = field(default_factory=list)
     fail_contents: bool = False
     fail_statuses: int = 0
+    #: (repo, number) -> the files of the pull request, as GitHub lists them.
+    pulls: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
+    #: (repo, base, head) -> (merge base SHA, files).
+    comparisons: dict[tuple[str, str, str], tuple[str, list[dict[str, Any]]]] = field(
+        default_factory=dict)
+    #: comment id -> (repo, issue number, body), and every comment request as (method, id).
+    comments: dict[int, tuple[str, int, str]] = field(default_factory=dict)
+    comment_requests: list[tuple[str, int]] = field(default_factory=list)
+    #: Every request seen, as (method, path), in order.
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    #: Requests answered 500 before any is served again (``fail_next``).
+    _failing: int = 0
+    #: Until then (epoch seconds) requests are refused as over the rate limit.
+    _limited_until: float = 0.0
     _scripts: list[_Script] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     url: str = ""
@@ -79,6 +97,24 @@ class GitHubStandIn:
             answer if isinstance(answer, Answer) else Answer(answer) for answer in answers
         ]))
 
+    def add_pull(self, repo: str, number: int, files: list[dict[str, Any]]) -> None:
+        """Serve ``files`` (``{"filename", "status"[, "previous_filename"]}``) for the pull
+        request."""
+        self.pulls[(repo, number)] = files
+
+    def add_comparison(
+        self, repo: str, base: str, head: str, merge_base: str, files: list[dict[str, Any]]
+    ) -> None:
+        self.comparisons[(repo, base, head)] = (merge_base, files)
+
+    def fail_next(self, count: int) -> None:
+        """Answer the next ``count`` requests (of any kind) with 500."""
+        self._failing = count
+
+    def limit_rate(self, seconds: float) -> None:
+        """Refuse requests as over the rate limit for ``seconds`` (403, remaining 0, reset)."""
+        self._limited_until = time.time() + seconds
+
     def requests_for(self, sha: str, state: str | None = None) -> list[int]:
         """The HTTP statuses answered to the status requests for ``sha`` (and ``state``)."""
         return [r.answered for r in self.status_requests
@@ -86,9 +122,15 @@ class GitHubStandIn:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start serving; returns the base URL to use as ``GITHUB_API_URL``."""
-        app = web.Application()
+        app = web.Application(middlewares=[self._trouble])
         app.router.add_get("/repos/{owner}/{name}/contents/{path:.+}", self._contents)
         app.router.add_post("/repos/{owner}/{name}/statuses/{sha}", self._status)
+        app.router.add_get("/repos/{owner}/{name}/pulls/{number:\\d+}/files", self._pull_files)
+        app.router.add_get("/repos/{owner}/{name}/compare/{spec}", self._compare)
+        app.router.add_post("/repos/{owner}/{name}/issues/{number:\\d+}/comments",
+                            self._create_comment)
+        app.router.add_patch("/repos/{owner}/{name}/issues/comments/{id:\\d+}",
+                             self._update_comment)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -104,6 +146,62 @@ class GitHubStandIn:
     def states(self, sha: str | None = None) -> list[str]:
         """The states posted so far, in order, optionally for one commit."""
         return [s.state for s in self.statuses if sha is None or s.sha == sha]
+
+    @web.middleware
+    async def _trouble(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests.append((request.method, request.path))
+        if self._limited_until > time.time():
+            return web.json_response(
+                {"message": "API rate limit exceeded"}, status=403,
+                headers={"X-RateLimit-Remaining": "0",
+                         "X-RateLimit-Reset": str(int(self._limited_until) + 1)},
+            )
+        if self._failing > 0:
+            self._failing -= 1
+            return web.json_response({"message": "Server Error (stand-in)"}, status=500)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def _pull_files(self, request: web.Request) -> web.Response:
+        repo = f"{request.match_info['owner']}/{request.match_info['name']}"
+        files = self.pulls.get((repo, int(request.match_info["number"])))
+        if files is None:
+            return web.json_response({"message": "Not Found"}, status=404)
+        per_page = int(request.query.get("per_page", "30"))
+        page = int(request.query.get("page", "1"))
+        chunk = files[(page - 1) * per_page: page * per_page]
+        headers = {}
+        if page * per_page < len(files):
+            next_url = request.url.with_query({"per_page": str(per_page), "page": str(page + 1)})
+            headers["Link"] = f'<{next_url}>; rel="next"'
+        return web.json_response(chunk, headers=headers)
+
+    async def _compare(self, request: web.Request) -> web.Response:
+        repo = f"{request.match_info['owner']}/{request.match_info['name']}"
+        base, _, head = request.match_info["spec"].partition("...")
+        found = self.comparisons.get((repo, base, head))
+        if found is None:
+            return web.json_response({"message": "Not Found"}, status=404)
+        merge_base, files = found
+        return web.json_response({"merge_base_commit": {"sha": merge_base}, "files": files})
+
+    async def _create_comment(self, request: web.Request) -> web.Response:
+        repo = f"{request.match_info['owner']}/{request.match_info['name']}"
+        body = (await request.json()).get("body", "")
+        comment_id = 1000 + len(self.comments)
+        self.comments[comment_id] = (repo, int(request.match_info["number"]), body)
+        self.comment_requests.append(("POST", comment_id))
+        return web.json_response({"id": comment_id, "body": body}, status=201)
+
+    async def _update_comment(self, request: web.Request) -> web.Response:
+        comment_id = int(request.match_info["id"])
+        if comment_id not in self.comments:
+            return web.json_response({"message": "Not Found"}, status=404)
+        repo, number, _old = self.comments[comment_id]
+        body = (await request.json()).get("body", "")
+        self.comments[comment_id] = (repo, number, body)
+        self.comment_requests.append(("PATCH", comment_id))
+        return web.json_response({"id": comment_id, "body": body})
 
     async def _contents(self, request: web.Request) -> web.Response:
         if self.fail_contents:

@@ -33,7 +33,6 @@ from shared.db import create_pool
 from shared.dispatch import BATCH, dispatch
 from shared.errors import MessageError
 from shared.github import GitHub
-from shared.jobs import send_statuses
 from shared.logging import get_logger
 from shared.messages import (
     EXCHANGE_DUE,
@@ -48,6 +47,7 @@ from shared.messages import (
     Returned,
 )
 from shared.outage import is_outage
+from shared.outbox import send_statuses
 from shared.probes import ProbeServer, broker_check, database_check
 
 log = get_logger(__name__)
@@ -121,7 +121,8 @@ class Dequeuer:
 
     async def hurry(self) -> None:
         """What cannot wait for the next tick: statuses of finished jobs, runs to queue."""
-        await send_statuses(self.pool, self.github)
+        await send_statuses(self.pool, self.github,
+                            public_base_url=self.settings.public_base_url)
         await self._dispatch()
 
     async def _dispatch(self) -> None:

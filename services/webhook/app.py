@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import jinja2
 from aiohttp import web
 
 from services.webhook import routes
+from services.webhook.deliveries import DeliveryProcessor
 from services.webhook.keys import (
     BODY_SLOTS,
     BROKER,
     GITHUB,
     POOL,
+    PROCESSOR,
     SETTINGS,
     STORAGE,
     TEMPLATES,
@@ -39,7 +42,7 @@ def create_app(settings: Settings) -> web.Application:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    app.cleanup_ctx.extend([_database, _broker, _github, _storage])
+    app.cleanup_ctx.extend([_database, _broker, _github, _storage, _deliveries])
     routes.add_routes(app)
 
     # The resources exist only once the app has started: the checks look them up when run.
@@ -80,6 +83,18 @@ async def _github(app: web.Application) -> AsyncIterator[None]:
     app[GITHUB] = github
     yield
     await github.close()
+
+
+async def _deliveries(app: web.Application) -> AsyncIterator[None]:
+    # Stored deliveries become jobs here, in the background; unfinished ones from before a
+    # restart are taken up again at once.
+    processor = DeliveryProcessor(app[POOL], app[BROKER], app[GITHUB], app[SETTINGS])
+    app[PROCESSOR] = processor
+    task = asyncio.create_task(processor.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:

@@ -21,8 +21,17 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+REPO_PATTERN: Final = r"^[\w.-]+/[\w.-]+$"
+
+
 class Repository(_Lenient):
-    full_name: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    full_name: str = Field(pattern=REPO_PATTERN)
+    #: Pull requests and pushes to other branches are compared against it.
+    default_branch: str = "main"
+
+
+class User(_Lenient):
+    login: str
 
 
 class Commit(_Lenient):
@@ -54,6 +63,10 @@ class PushEvent(_Lenient):
     def is_deletion(self) -> bool:
         return self.deleted or self.after == ZERO_SHA
 
+    @property
+    def on_default_branch(self) -> bool:
+        return self.branch == self.repository.default_branch
+
     def changed_sources(self) -> list[str]:
         """Source files added or modified by the push and still present at its head, sorted.
 
@@ -72,3 +85,87 @@ class PushEvent(_Lenient):
 def is_source_path(path: str) -> bool:
     """``sources/**/*.json`` (fnmatch's ``*`` crosses folders, which is what we want)."""
     return fnmatch.fnmatchcase(path, SOURCE_PATTERN)
+
+
+#: Pull-request actions that make a job: new commits to check.
+PR_ACTIONS: Final = frozenset({"opened", "synchronize", "reopened"})
+
+
+class PullRequestSide(_Lenient):
+    """``pull_request.head`` or ``pull_request.base``."""
+
+    ref: str
+    sha: str = Field(pattern=SHA_PATTERN)
+    #: None when the fork the pull request came from was deleted.
+    repo: Repository | None = None
+
+
+class PullRequest(_Lenient):
+    number: int = Field(ge=1)
+    user: User
+    head: PullRequestSide
+    base: PullRequestSide
+
+
+class PullRequestEvent(_Lenient):
+    """A ``pull_request`` delivery."""
+
+    action: str
+    number: int = Field(ge=1)
+    pull_request: PullRequest
+    repository: Repository
+
+    @property
+    def makes_a_job(self) -> bool:
+        return self.action in PR_ACTIONS
+
+    @property
+    def head_repo(self) -> str:
+        """Where the head commit lives: the fork's repository, or the base one."""
+        repo = self.pull_request.head.repo
+        return repo.full_name if repo is not None else self.repository.full_name
+
+
+#: What a comment says to ask for a re-run (any case, anywhere in the comment).
+RERUN_PHRASE: Final = "re-run this, please"
+#: Who may ask for a re-run besides the pull request's author.
+RERUN_ASSOCIATIONS: Final = frozenset({"OWNER", "MEMBER", "COLLABORATOR"})
+
+
+class Comment(_Lenient):
+    id: int
+    body: str = ""
+    user: User
+    author_association: str = "NONE"
+
+
+class Issue(_Lenient):
+    number: int = Field(ge=1)
+    user: User
+    #: Present when the issue is a pull request.
+    pull_request: dict[str, object] | None = None
+
+
+class IssueCommentEvent(_Lenient):
+    """An ``issue_comment`` delivery."""
+
+    action: str
+    issue: Issue
+    comment: Comment
+    repository: Repository
+
+    @property
+    def asks_for_rerun(self) -> bool:
+        """A new comment on a pull request that contains the phrase."""
+        return (
+            self.action == "created" and self.issue.pull_request is not None
+            and RERUN_PHRASE in self.comment.body.lower()
+        )
+
+    @property
+    def may_rerun(self) -> bool:
+        """The pull request's author, or a member of the repository."""
+        return (
+            self.comment.user.login == self.issue.user.login
+            or self.comment.author_association in RERUN_ASSOCIATIONS
+        )

@@ -1,35 +1,37 @@
-"""Turning a push into a job: fetch the changed sources, create the job and its runs, enqueue.
+"""Turning a plan (``changes.py``) into a job: runs, the ``pending`` status, the comment, tasks.
 
-Order matters for the commit status: the job, its runs and the ``pending`` status are written
-in one transaction, the status is sent, and only then are tasks published, so a fast worker can
-never make ``success`` arrive before ``pending``. A redelivered event finds its job by
-``X-GitHub-Delivery`` and only re-publishes runs that were never queued, which also finishes an
-intake that died half-way. Runs the broker does not take (it is down) stay unqueued and the
-dequeuer's sweep queues them once it is back (:mod:`shared.dispatch`).
+Order matters for the commit status: the job, its runs, the ``pending`` status (and, for a pull
+request, the request to bring its comment up to date) are written in one transaction together
+with the delivery's outcome, the outbox is sent, and only then are the runs queued, so a fast
+worker can never make ``success`` arrive before ``pending``. A job with nothing to check ends
+at once with a ``success`` status "Nothing to check". Runs the broker does not take (it is
+down) stay unqueued and the dequeuer's sweep queues them once it is back
+(:mod:`shared.dispatch`).
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
-from services.webhook.events import PushEvent
+from services.webhook.changes import ChangedSource, Plan
 from shared.broker import Broker
 from shared.config import Settings
 from shared.dispatch import dispatch
-from shared.errors import GitHubError, SourceError
 from shared.github import GitHub
-from shared.jobs import job_url, queue_status, send_statuses, settle_job
+from shared.jobs import (
+    NOTHING_TO_CHECK,
+    describe_pending,
+    job_url,
+    queue_comment,
+    queue_status,
+    settle_job,
+)
 from shared.logging import get_logger
-from shared.sources import list_entries, load_source
+from shared.outbox import send_statuses
 
 log = get_logger(__name__)
-
-#: Source files fetched from GitHub at once for one push.
-_FETCH_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -39,141 +41,88 @@ class IntakeResult:
     job_id: int | None
     runs: int
     duplicate: bool = False
-    reason: str | None = None
 
 
-@dataclass(frozen=True)
-class FetchedSource:
-    path: str
-    source: dict[str, Any] | None
-    error: SourceError | None
-
-
-async def take_push(
-    event: PushEvent,
-    delivery_id: str,
-    *,
-    pool: asyncpg.Pool,
-    broker: Broker,
-    github: GitHub,
-    settings: Settings,
+async def create_job(
+    conn: asyncpg.Connection, plan: Plan, delivery_id: str, settings: Settings
 ) -> IntakeResult:
-    """Create (or, for a redelivery, complete) the job for one push delivery."""
-    existing = await pool.fetchval("SELECT id FROM jobs WHERE delivery_id = $1", delivery_id)
-    if existing is not None:
-        queued = await queue_job_runs(pool, broker, existing, settings)
-        log.info("job.redelivered", job_id=existing, delivery=delivery_id, requeued=queued)
-        return IntakeResult(existing, queued, duplicate=True)
-
-    repo, sha = event.repository.full_name, event.after
-    paths = event.changed_sources()
-    if not paths:
-        return IntakeResult(None, 0, reason="no source files changed")
-    fetched = await fetch_sources(github, repo, sha, paths)
-    if not fetched:
-        return IntakeResult(None, 0, reason="changed source files are gone at the head commit")
-
-    async with pool.acquire() as conn, conn.transaction():
-        job_id = await conn.fetchval(
-            """
-            INSERT INTO jobs (delivery_id, event, repo, sha, ref)
-            VALUES ($1, 'push', $2, $3, $4)
-            ON CONFLICT (delivery_id) DO NOTHING RETURNING id
-            """,
-            delivery_id, repo, sha, event.ref,
+    """Write the job of ``plan`` (call inside the transaction that records the delivery)."""
+    job_id = await conn.fetchval(
+        """
+        INSERT INTO jobs (delivery_id, event, repo, sha, ref, pr_number, head_repo, base_sha,
+                          status_context)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        ON CONFLICT (delivery_id) DO NOTHING RETURNING id
+        """,
+        delivery_id, plan.event, plan.repo, plan.sha, plan.ref, plan.pr_number, plan.head_repo,
+        plan.base_sha, settings.status_context,
+    )
+    if job_id is None:  # the same delivery was made into a job already
+        existing = await conn.fetchval("SELECT id FROM jobs WHERE delivery_id = $1", delivery_id)
+        return IntakeResult(existing, 0, duplicate=True)
+    runs = await insert_runs(conn, job_id, plan.sha, plan.sources, reuse=plan.reuse)
+    target = job_url(settings.public_base_url, job_id)
+    if runs == 0:
+        await conn.execute(
+            "UPDATE jobs SET status = 'success', finished_at = now() WHERE id = $1", job_id
         )
-        if job_id is None:  # the same delivery raced in on another request
-            return IntakeResult(None, 0, duplicate=True)
-        runs = await insert_runs(conn, job_id, sha, fetched)
-        await queue_status(
-            conn, job_id=job_id, repo=repo, sha=sha, state="pending",
-            description=f"Processing {runs} run{'s' if runs != 1 else ''}",
-            target_url=job_url(settings.public_base_url, job_id),
-        )
+        await queue_status(conn, job_id=job_id, repo=plan.repo, sha=plan.sha, state="success",
+                           description=NOTHING_TO_CHECK, target_url=target,
+                           context=settings.status_context)
+    else:
+        paths = [item.path for item in plan.sources if item.entries or item.error]
+        await queue_status(conn, job_id=job_id, repo=plan.repo, sha=plan.sha, state="pending",
+                           description=describe_pending(paths), target_url=target,
+                           context=settings.status_context)
         # Sources that could not even be read fail their run at once; if that was all of
         # them the job is already over.
         await settle_job(conn, job_id, settings.public_base_url)
-    log.info("job.created", job_id=job_id, repo=repo, sha=sha, runs=runs, delivery=delivery_id)
-    await send_statuses(pool, github)
-    await queue_job_runs(pool, broker, job_id, settings)
+    if plan.pr_number is not None:
+        await queue_comment(conn, job_id=job_id, repo=plan.repo, sha=plan.sha,
+                            pr_number=plan.pr_number)
+    log.info("job.created", job_id=job_id, kind=plan.event, repo=plan.repo, sha=plan.sha,
+             pr=plan.pr_number, runs=runs, delivery=delivery_id, reuse=plan.reuse)
     return IntakeResult(job_id, runs)
 
 
-async def fetch_sources(
-    github: GitHub, repo: str, sha: str, paths: list[str]
-) -> list[FetchedSource]:
-    """Fetch and parse each source; a file GitHub no longer has at ``sha`` is left out.
-
-    Any other GitHub failure raises :class:`GitHubError` so the delivery fails as a whole and
-    can be redelivered; a source that is not valid is kept with its error and fails its run.
-    """
-    limit = asyncio.Semaphore(_FETCH_CONCURRENCY)
-
-    async def fetch_one(path: str) -> FetchedSource | None:
-        async with limit:
-            try:
-                data = await github.get_contents(repo, path, sha)
-            except GitHubError as exc:
-                if exc.status == 404:
-                    return None
-                raise
-        try:
-            return FetchedSource(path, load_source(data, path=path), None)
-        except SourceError as exc:
-            return FetchedSource(path, None, exc)
-
-    results = await asyncio.gather(*(fetch_one(path) for path in paths))
-    return [result for result in results if result is not None]
-
-
 async def insert_runs(
-    conn: asyncpg.Connection, job_id: int, sha: str, fetched: list[FetchedSource]
+    conn: asyncpg.Connection, job_id: int, sha: str, sources: list[ChangedSource], *,
+    reuse: bool = True,
 ) -> int:
-    """One run per layer entry; an unreadable source becomes one failed run naming its error."""
+    """One run per entry to check; an unreadable source becomes one failed run naming its
+    error."""
     count = 0
-    for item in fetched:
+    for item in sources:
         if item.source is None or item.error is not None:
+            problem = item.error.problem if item.error else "invalid_source"
             await conn.execute(
                 """
                 INSERT INTO runs (job_id, source_path, layer, entry_name, commit_sha, status,
                                   source_problem, error, finished_at)
                 VALUES ($1, $2, 'addresses', '', $3, 'failure', $4, $5, now())
                 """,
-                job_id, item.path, sha, item.error.problem if item.error else "invalid_source",
-                str(item.error),
+                job_id, item.path, sha, problem, str(item.error),
             )
             count += 1
             continue
-        try:
-            entries = list_entries(item.source)
-        except SourceError as exc:
+        for entry in item.entries:
             await conn.execute(
                 """
-                INSERT INTO runs (job_id, source_path, layer, entry_name, commit_sha, status,
-                                  source_problem, error, finished_at)
-                VALUES ($1, $2, 'addresses', '', $3, 'failure', $4, $5, now())
+                INSERT INTO runs (job_id, source_path, layer, entry_name, commit_sha, source,
+                                  reuse)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)
                 """,
-                job_id, item.path, sha, exc.problem, str(exc),
-            )
-            count += 1
-            continue
-        for entry in entries:
-            await conn.execute(
-                """
-                INSERT INTO runs (job_id, source_path, layer, entry_name, commit_sha, source)
-                VALUES ($1, $2, $3, $4, $5, $6)
-                """,
-                job_id, item.path, entry.layer, entry.name, sha, item.source,
+                job_id, item.path, entry.layer, entry.name, sha, item.source, reuse,
             )
             count += 1
     return count
 
 
-async def queue_job_runs(
-    pool: asyncpg.Pool, broker: Broker, job_id: int, settings: Settings
+async def after_commit(
+    pool: asyncpg.Pool, broker: Broker, github: GitHub, job_id: int, settings: Settings
 ) -> int:
-    """Queue the job's unqueued runs now; what the broker does not take, the dequeuer's sweep
-    queues once it is back. Returns how many were queued."""
+    """Send the outbox (``pending`` first), then queue the job's runs; returns how many."""
+    await send_statuses(pool, github, public_base_url=settings.public_base_url)
     result = await dispatch(
         pool, broker, run_timeout_s=settings.run_timeout_s,
         public_base_url=settings.public_base_url, job_id=job_id, limit=10_000,

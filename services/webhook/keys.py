@@ -8,6 +8,7 @@ import asyncpg
 import jinja2
 from aiohttp import web
 
+from services.webhook.deliveries import DeliveryProcessor
 from shared.broker import Broker
 from shared.config import Settings
 from shared.github import GitHub
@@ -21,3 +22,5 @@ STORAGE = web.AppKey("storage", Storage)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 #: Slots for reading request bodies whose signature is not checked yet.
 BODY_SLOTS = web.AppKey("body_slots", asyncio.Semaphore)
+#: Makes stored deliveries into jobs, in the background.
+PROCESSOR = web.AppKey("processor", DeliveryProcessor)

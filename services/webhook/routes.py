@@ -1,9 +1,11 @@
 """HTTP routes of the webhook service.
 
 ``POST /hook`` answers GitHub: 401 for a missing or wrong signature, 413 for a body over the
-limit, 400 for a body that is not the JSON we need (the reason is in the answer), 202 for events
-we do not act on, 200/201 for pushes, 503 while PostgreSQL is down (nothing is created; the
-delivery can be redelivered). A body is read only once the request carries a signature header,
+limit, 400 for a body that is not the JSON we need (the reason is in the answer), 202 for
+events and actions we do not act on (nothing stored), 202 for a delivery stored to be made
+into a job (``deliveries.py``; the answer names ``/api/deliveries/{id}``, which tells what
+became of it), 503 while PostgreSQL is down (nothing is stored; the delivery can be
+redelivered). A body is read only once the request carries a signature header,
 and at most :data:`BODY_READS` unverified bodies are read at once (the others wait their turn,
 or get a 503 after :data:`BODY_WAIT_S`), so a flood of unsigned 25 MB posts cannot exhaust the
 service's memory. Pages and the JSON API read the database only.
@@ -24,12 +26,12 @@ from typing import Any
 import pydantic
 from aiohttp import web
 
-from services.webhook.events import PushEvent
-from services.webhook.intake import take_push
-from services.webhook.keys import BODY_SLOTS, BROKER, GITHUB, POOL, SETTINGS, STORAGE, TEMPLATES
+from services.webhook.deliveries import delivery_url, store_delivery
+from services.webhook.events import IssueCommentEvent, PullRequestEvent, PushEvent
+from services.webhook.keys import BODY_SLOTS, POOL, PROCESSOR, SETTINGS, STORAGE, TEMPLATES
 from services.webhook.signature import SignatureCheck
 from shared import metrics
-from shared.errors import GitHubError, NotFound
+from shared.errors import NotFound
 from shared.jobs import job_url
 from shared.logging import get_logger
 from shared.outage import is_outage
@@ -51,6 +53,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/hook", hook)
     app.router.add_get("/health", health)
     app.router.add_get("/api/workers", workers_json)
+    app.router.add_get("/api/deliveries/{delivery_id}", delivery_json)
     app.router.add_get("/jobs/{job_id:\\d+}", job_page)
     app.router.add_get("/api/jobs/{job_id:\\d+}", job_json)
     app.router.add_get("/runs/{run_id:\\d+}/{name}", run_file)
@@ -152,6 +155,12 @@ async def _read_signed_body(request: web.Request) -> bytes | web.Response:
     return b"".join(chunks)
 
 
+#: What each event we act on is validated as at the door.
+_EVENT_MODELS: dict[str, type[pydantic.BaseModel]] = {
+    "push": PushEvent, "pull_request": PullRequestEvent, "issue_comment": IssueCommentEvent,
+}
+
+
 async def _hook(request: web.Request, event: str) -> web.Response:
     settings = request.app[SETTINGS]
     body = await _read_signed_body(request)
@@ -160,12 +169,14 @@ async def _hook(request: web.Request, event: str) -> web.Response:
     delivery = request.headers.get("X-GitHub-Delivery", "")
     if event == "ping":
         return web.json_response({"pong": True})
-    if event != "push":
+    model = _EVENT_MODELS.get(event)
+    if model is None:
         return web.json_response({"ignored": f"event {event!r} is not handled"}, status=202)
     if not delivery:
         return web.json_response({"error": "X-GitHub-Delivery header is missing"}, status=400)
     try:
-        push = PushEvent.model_validate(json.loads(body))
+        payload = json.loads(body)
+        parsed = model.model_validate(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         # json.loads decodes bytes itself: invalid UTF-8 is not JSON either, not a 500.
         return web.json_response({"error": f"body is not JSON: {exc}"}, status=400)
@@ -175,29 +186,61 @@ async def _hook(request: web.Request, event: str) -> web.Response:
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        return web.json_response({"error": f"push payload: {where}: {first['msg']}"}, status=400)
-
-    if push.is_deletion:
-        return web.json_response({"ignored": "branch deletion"}, status=202)
-    if push.branch is None:
-        return web.json_response({"ignored": f"{push.ref} is not a branch"}, status=202)
-    try:
-        result = await take_push(
-            push, delivery, pool=request.app[POOL], broker=request.app[BROKER],
-            github=request.app[GITHUB], settings=settings,
+        return web.json_response(
+            {"error": f"{event} payload: {where}: {first['msg']}"}, status=400
         )
-    except GitHubError as exc:
-        # Nothing was created: GitHub (or a maintainer) can redeliver once GitHub answers.
-        log.error("hook.github_failed", delivery=delivery, error=str(exc))
-        return web.json_response({"error": f"could not read sources: {exc}"}, status=502)
-    answer: dict[str, Any] = {"job": result.job_id, "runs": result.runs}
-    if result.job_id is not None:
-        answer["url"] = job_url(settings.public_base_url, result.job_id)
-    if result.reason:
-        answer["reason"] = result.reason
-    if result.duplicate:
+    reason = _nothing_to_do(parsed)
+    if reason is not None:
+        log.info("hook.ignored", delivery=delivery, event_name=event, reason=reason)
+        return web.json_response({"ignored": reason}, status=202)
+    stored = await store_delivery(request.app[POOL], delivery, event, payload)
+    request.app[PROCESSOR].wake()
+    answer: dict[str, Any] = {
+        "delivery": delivery, "queued": True,
+        "status_url": delivery_url(settings.public_base_url, delivery),
+    }
+    if stored.duplicate:
         answer["duplicate"] = True
-    return web.json_response(answer, status=201 if result.job_id and not result.duplicate else 200)
+    return web.json_response(answer, status=202)
+
+
+def _nothing_to_do(parsed: pydantic.BaseModel) -> str | None:
+    """Why a valid delivery asks for no job, or None when it does."""
+    if isinstance(parsed, PushEvent):
+        if parsed.is_deletion:
+            return "branch deletion"
+        if parsed.branch is None:
+            return f"{parsed.ref} is not a branch"
+    elif isinstance(parsed, PullRequestEvent):
+        if not parsed.makes_a_job:
+            return f"pull request {parsed.action}: no new commits to check"
+    elif isinstance(parsed, IssueCommentEvent):
+        if not parsed.asks_for_rerun:
+            return "not a request to re-run a pull request"
+        if not parsed.may_rerun:
+            return (f"{parsed.comment.user.login} may not ask for a re-run "
+                    "(the pull request's author or a member of the repository may)")
+    return None
+
+
+async def delivery_json(request: web.Request) -> web.Response:
+    """What became of a delivery: waiting, a job, ignored, or an error with its reason."""
+    delivery = request.match_info["delivery_id"]
+    row = await request.app[POOL].fetchrow(
+        """
+        SELECT delivery_id, event, received_at, processed_at, attempts, outcome, job_id,
+               last_error, next_try_at
+        FROM deliveries WHERE delivery_id = $1
+        """,
+        delivery,
+    )
+    if row is None:
+        raise web.HTTPNotFound(text=f"no delivery {delivery}")
+    answer = dict(row)
+    answer["state"] = row["outcome"] or "waiting"
+    if row["job_id"] is not None:
+        answer["job_url"] = job_url(request.app[SETTINGS].public_base_url, row["job_id"])
+    return web.json_response(answer, dumps=_dumps)
 
 
 async def _load_job(request: web.Request) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -16,7 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Subcommands of the `oa-machine` console script (services/cli.py); cross-checked there by
 #: test_compose.test_subcommands_match_cli.
 SUBCOMMANDS = frozenset(
-    {"webhook", "worker", "dequeuer", "scheduler", "up", "migrate", "process-one"}
+    {"webhook", "worker", "dequeuer", "scheduler", "up", "migrate", "process-one",
+     "dead-letters"}
 )
 
 #: The long-running services, each its own container / Deployment.

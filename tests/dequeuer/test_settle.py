@@ -59,7 +59,7 @@ async def test_done_settles_the_run_and_the_job(db_pool: asyncpg.Pool) -> None:
     assert job["status"] == "success"
     statuses = await db_pool.fetch("SELECT * FROM statuses")
     assert [(s["state"], s["description"], s["target_url"]) for s in statuses] == [
-        ("success", "Runs: 1 succeeded", f"{BASE}/jobs/{job_id}")
+        ("success", "All 1 run succeeded", f"{BASE}/jobs/{job_id}")
     ]
 
 
@@ -193,7 +193,7 @@ async def test_job_stays_open_until_its_last_run(db_pool: asyncpg.Pool) -> None:
     assert (await settle_done(db_pool, failed, RULES)).action == "settled"
     assert await db_pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "failure"
     assert [tuple(r) for r in await db_pool.fetch("SELECT state, description FROM statuses")] == [
-        ("failure", "Runs: 0 succeeded, 1 skipped, 1 failed")
+        ("failure", "Failed: us/ks/s1 (download_failed)")
     ]
 
 

@@ -119,8 +119,20 @@ class System:
             timeout=aiohttp.ClientTimeout(total=60),
         ) as response:
             answer = await response.json()
-            assert response.status in (200, 201), answer
-        return sha, answer
+            assert response.status == 202, answer
+        # The delivery is made into a job in the background: wait for it.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = await self.query(
+                "SELECT job_id FROM deliveries WHERE delivery_id = $1 AND outcome = 'job'",
+                answer["delivery"])
+            if rows:
+                answer["job"] = rows[0]["job_id"]
+                answer["runs"] = len(await self.query(
+                    "SELECT id FROM runs WHERE job_id = $1", answer["job"]))
+                return sha, answer
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"delivery {answer['delivery']} made no job")
 
     async def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.database_url, timeout=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -90,7 +91,7 @@ async def test_ping_answers_pong(client: TestClient[Any, Any], db_pool: asyncpg.
     await nothing_created(db_pool, broker, github)
 
 
-@pytest.mark.parametrize("event", ["issues", "pull_request", "release", ""])
+@pytest.mark.parametrize("event", ["issues", "release", "check_run", ""])
 async def test_unknown_event_is_accepted_and_ignored(
     client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker,
     github: GitHubStandIn, event: str,
@@ -195,17 +196,46 @@ async def test_real_tag_deletion_and_tag_push_are_ignored(
     await nothing_created(db_pool, broker, github)
 
 
-async def test_push_touching_no_source_is_200_with_reason(
+async def outcome(pool: asyncpg.Pool, delivery: str, timeout_s: float = 30) -> asyncpg.Record:
+    """The stored delivery once the webhook's processor has made something of it."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        row = await pool.fetchrow(
+            "SELECT * FROM deliveries WHERE delivery_id = $1 AND processed_at IS NOT NULL",
+            delivery)
+        if row is not None:
+            return row
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"delivery {delivery} was not processed in {timeout_s} s")
+        await asyncio.sleep(0.05)
+
+
+async def test_push_touching_no_source_ends_at_once_with_nothing_to_check(
     client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
 ) -> None:
     body = (FIXTURES / "github" / "push.with-new-branch.payload.json").read_bytes()
     status, answer = await post(client, body)
-    assert status == 200
-    assert answer == {"job": None, "runs": 0, "reason": "no source files changed"}
-    await nothing_created(db_pool, broker, github)
+    assert status == 202 and answer["queued"] is True
+    done = await outcome(db_pool, answer["delivery"])
+    assert done["outcome"] == "job"
+    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", done["job_id"])
+    assert job["status"] == "success"
+    assert await db_pool.fetchval("SELECT count(*) FROM runs") == 0
+    await wait_until_posted(github, 1)
+    assert [(s.state, s.description) for s in github.statuses] == [
+        ("success", "Nothing to check")]
+    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 0
 
 
-async def test_github_failing_on_contents_is_502_and_creates_nothing(
+async def wait_until_posted(github: GitHubStandIn, count: int, timeout_s: float = 30) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if len(github.statuses) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} statuses expected, got {github.statuses}")
+
+
+async def test_github_failing_on_contents_is_retried_until_it_answers(
     client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
 ) -> None:
     sha = new_sha()
@@ -214,17 +244,36 @@ async def test_github_failing_on_contents_is_502_and_creates_nothing(
     body = push_body(["sources/us/ks/a.json"], sha)
     headers = signed_headers(body, SECRET, delivery="delivery-502")
     response = await client.post("/hook", data=body, headers=headers)
-    assert response.status == 502
-    assert "could not read sources" in (await response.json())["error"]
-    await nothing_created(db_pool, broker, github)
+    # Answered at once, whatever GitHub does afterwards.
+    assert response.status == 202
+    for _ in range(200):
+        failed = await db_pool.fetchrow(
+            "SELECT * FROM deliveries WHERE delivery_id = 'delivery-502'")
+        if failed is not None and failed["last_error"]:
+            break
+        await asyncio.sleep(0.05)
+    assert failed is not None and failed["processed_at"] is None
+    assert "HTTP 500" in failed["last_error"]
+    assert await db_pool.fetchval("SELECT count(*) FROM jobs") == 0
+    # A redelivery meanwhile is the same delivery.
+    again = await client.post("/hook", data=body, headers=headers)
+    assert again.status == 202 and (await again.json())["duplicate"] is True
+    assert await db_pool.fetchval("SELECT count(*) FROM deliveries") == 1
 
-    # Safe to redeliver: once GitHub answers, the same delivery creates the job.
     github.fail_contents = False
-    response = await client.post("/hook", data=body, headers=headers)
-    assert response.status == 201
+    done = await outcome(db_pool, "delivery-502", timeout_s=30)
+    assert done["outcome"] == "job"
     assert await db_pool.fetchval("SELECT count(*) FROM jobs WHERE delivery_id = $1",
                                   "delivery-502") == 1
-    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 1
+    await wait_depth(broker, 1)
+
+
+async def wait_depth(broker: Broker, ready: int) -> None:
+    for _ in range(200):
+        if (await broker.queue_depth(QUEUE_TASKS))[0] == ready:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"tasks never had {ready} ready")
 
 
 async def test_good_push_creates_a_job_queues_tasks_and_posts_pending(
@@ -235,15 +284,20 @@ async def test_good_push_creates_a_job_queues_tasks_and_posts_pending(
     for path in paths:
         github.add_file(REPO, path, sha, GOOD_SOURCE)
     status, answer = await post(client, push_body(paths, sha))
-    assert status == 201
-    assert answer["runs"] == 2
-    assert answer["url"] == f"http://oa.example.org/jobs/{answer['job']}"
+    assert status == 202
+    assert answer["status_url"] == f"http://oa.example.org/api/deliveries/{answer['delivery']}"
+    done = await outcome(db_pool, answer["delivery"])
     runs = await db_pool.fetch("SELECT * FROM runs ORDER BY id")
     assert [r["source_path"] for r in runs] == paths
+    await wait_depth(broker, 2)
+    runs = await db_pool.fetch("SELECT * FROM runs ORDER BY id")
     assert all(r["status"] is None and r["queued_at"] is not None for r in runs)
-    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 2
     assert github.states(sha) == ["pending"]
-    assert github.statuses[0].description == "Processing 2 runs"
+    assert github.statuses[0].description == "Checking us/ks/a, us/ks/b"
+    assert github.statuses[0].context == "openaddresses/hooked"
+    assert github.statuses[0].target_url == f"http://oa.example.org/jobs/{done['job_id']}"
+    status_of = await client.get(f"/api/deliveries/{answer['delivery']}")
+    assert (await status_of.json())["job_url"] == f"http://oa.example.org/jobs/{done['job_id']}"
 
 
 @pytest.mark.parametrize(
@@ -269,17 +323,18 @@ async def test_invalid_only_source_fails_its_run_and_the_job_at_once(
     path = "sources/us/ks/bad.json"
     github.add_file(REPO, path, sha, content)
     status, answer = await post(client, push_body([path], sha))
-    assert status == 201
-    assert answer["runs"] == 1
-    run = await db_pool.fetchrow("SELECT * FROM runs WHERE job_id = $1", answer["job"])
+    assert status == 202
+    job_id = (await outcome(db_pool, answer["delivery"]))["job_id"]
+    run = await db_pool.fetchrow("SELECT * FROM runs WHERE job_id = $1", job_id)
     assert run["status"] == "failure"
     assert run["source_problem"] == expected_problem
     assert expected_error in run["error"]
     assert run["finished_at"] is not None
-    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", answer["job"])
+    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
     assert job["status"] == "failure" and job["finished_at"] is not None
+    await wait_until_posted(github, 2)
     assert github.states(sha) == ["pending", "failure"]
-    assert "1 failed" in github.statuses[-1].description
+    assert github.statuses[-1].description == f"Failed: us/ks/bad ({expected_problem})"
     assert (await broker.queue_depth(QUEUE_TASKS))[0] == 0
 
 
@@ -291,7 +346,9 @@ async def test_invalid_source_next_to_a_good_one_leaves_the_job_open(
     github.add_file(REPO, "sources/us/ks/good.json", sha, GOOD_SOURCE)
     status, answer = await post(
         client, push_body(["sources/us/ks/bad.json", "sources/us/ks/good.json"], sha))
-    assert status == 201 and answer["runs"] == 2
+    assert status == 202
+    await outcome(db_pool, answer["delivery"])
+    await wait_depth(broker, 1)
     rows = await db_pool.fetch("SELECT source_path, status, source_problem FROM runs ORDER BY id")
     assert [tuple(r) for r in rows] == [
         ("sources/us/ks/bad.json", "failure", "invalid_source"),

@@ -64,6 +64,12 @@ async def test_runs_are_forked_from_the_zygote_not_started_by_the_caller(
     assert os.getpgid(pid) == pid and os.getsid(pid) == pid
     run.cancel()
     await asyncio.gather(run, return_exceptions=True)
+    # A cancellation that lands while the fork's answer is on its way is honoured when the
+    # answer arrives (the zygote client kills a child nobody waits for): allow it a moment.
+    for _ in range(100):
+        if not alive(pid):
+            break
+        await asyncio.sleep(0.05)
     assert not alive(pid)
 
 

@@ -1,4 +1,4 @@
-"""The commit-status outbox (shared.jobs.send_statuses) against a real GitHub stand-in."""
+"""The GitHub outbox (shared.outbox.send_statuses) against a real GitHub stand-in."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from structlog.testing import capture_logs
 
 from services.demo.github import Answer, GitHubStandIn
 from shared.github import GitHub
-from shared.jobs import queue_status, send_statuses
+from shared.jobs import queue_status
+from shared.outbox import send_statuses
 
 REPO = "openaddresses/openaddresses"
 SHA_A = "a" * 40
@@ -61,7 +62,7 @@ async def test_statuses_are_posted_in_order(
     assert posted(stand_in) == items
     first = stand_in.statuses[0]
     assert (first.repo, first.description, first.target_url, first.context) == (
-        REPO, "pending of a", "http://oa.example.org/jobs/1", "openaddresses/machine")
+        REPO, "pending of a", "http://oa.example.org/jobs/1", "openaddresses/hooked")
     rows = await db_pool.fetch("SELECT posted_at, attempts, last_error FROM statuses")
     assert all(r["posted_at"] is not None and r["attempts"] == 1 and r["last_error"] is None
                for r in rows)

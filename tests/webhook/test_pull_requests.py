@@ -1,0 +1,351 @@
+"""Pull requests, branch pushes and re-runs: real GitHub payloads against the real app, the real
+PostgreSQL and RabbitMQ, and a GitHub stand-in serving every call the webhook makes."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from pydantic import SecretStr
+
+from services.demo.github import GitHubStandIn
+from services.webhook.app import create_app
+from services.webhook.keys import BROKER
+from shared.broker import Broker
+from shared.config import Settings
+from shared.messages import QUEUE_TASKS
+from tests.e2e_support import FIXTURES, new_sha, signed_headers
+
+SECRET = "pr-secret"
+BASE_REPO = "openaddresses/openaddresses"
+FORK = "contributor/openaddresses"
+NUMBER = 7
+
+
+def source(url: str, *entries: str, city: str = "CITY") -> bytes:
+    """A source with one addresses entry per name; ``city`` changes the conform."""
+    return json.dumps({
+        "schema": 2, "coverage": {"country": "us", "state": "ks"},
+        "layers": {"addresses": [{
+            "name": name, "data": url, "protocol": "http",
+            "conform": {"format": "csv", "number": "N", "street": "S", "city": city,
+                        "lon": "X", "lat": "Y"},
+        } for name in entries]},
+    }).encode()
+
+
+def source_two(url: str, city_b: str) -> bytes:
+    """Two entries; only the second one's conform depends on ``city_b``."""
+    data = json.loads(source(url, "one", "two"))
+    data["layers"]["addresses"][1]["conform"]["city"] = city_b
+    return json.dumps(data).encode()
+
+
+def pr_payload(action: str, head_sha: str, base_sha: str, *, fork: bool = True,
+               author: str = "contributor") -> bytes:
+    # GitHub's own payload of that action where we have one (opened, synchronize, reopened,
+    # closed), else the opened one with the action replaced.
+    variant = action if action in ("opened", "synchronize", "reopened", "closed") else "opened"
+    payload: dict[str, Any] = json.loads(
+        (FIXTURES / "github" / f"pull_request.{variant}.payload.json").read_text())
+    payload = copy.deepcopy(payload)
+    payload["action"] = action
+    payload["number"] = NUMBER
+    pr = payload["pull_request"]
+    pr["number"] = NUMBER
+    pr["user"]["login"] = author
+    pr["head"]["sha"], pr["base"]["sha"] = head_sha, base_sha
+    pr["head"]["repo"]["full_name"] = FORK if fork else BASE_REPO
+    pr["base"]["repo"]["full_name"] = BASE_REPO
+    payload["repository"]["full_name"] = BASE_REPO
+    return json.dumps(payload).encode()
+
+
+def comment_payload(body: str, login: str, association: str, *, on_pr: bool = True) -> bytes:
+    payload: dict[str, Any] = json.loads(
+        (FIXTURES / "github" / "issue_comment.created.payload.json").read_text())
+    payload["repository"]["full_name"] = BASE_REPO
+    payload["issue"]["number"] = NUMBER
+    payload["issue"]["user"]["login"] = "contributor"
+    if on_pr:
+        payload["issue"]["pull_request"] = {"url": "https://api.github.com/pulls/7"}
+    payload["comment"].update(body=body, author_association=association)
+    payload["comment"]["user"]["login"] = login
+    return json.dumps(payload).encode()
+
+
+@pytest.fixture
+async def github() -> AsyncIterator[GitHubStandIn]:
+    stand_in = GitHubStandIn()
+    await stand_in.start()
+    yield stand_in
+    await stand_in.stop()
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, github: GitHubStandIn, db_pool: asyncpg.Pool, broker: Broker
+) -> AsyncIterator[TestClient[Any, Any]]:
+    app = create_app(settings.model_copy(update={
+        "github_api_url": github.url, "webhook_secrets": [SecretStr(SECRET)],
+        "public_base_url": "http://oa.example.org",
+    }))
+    test_client = TestClient(TestServer(app, host="127.0.0.1"))
+    await test_client.start_server()
+    await app[BROKER].wait_ready(timeout_s=30)
+    try:
+        yield test_client
+    finally:
+        await test_client.close()
+
+
+async def deliver(client: TestClient[Any, Any], event: str, body: bytes) -> dict[str, Any]:
+    response = await client.post("/hook", data=body,
+                                 headers=signed_headers(body, SECRET, event=event))
+    answer: dict[str, Any] = await response.json()
+    answer["http_status"] = response.status
+    return answer
+
+
+async def processed(pool: asyncpg.Pool, delivery: str, timeout_s: float = 30) -> asyncpg.Record:
+    for _ in range(int(timeout_s / 0.05)):
+        row = await pool.fetchrow(
+            "SELECT * FROM deliveries WHERE delivery_id = $1 AND processed_at IS NOT NULL",
+            delivery)
+        if row is not None:
+            return row
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"delivery {delivery} not processed")
+
+
+async def until(condition: Any, what: str, timeout_s: float = 30) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if await condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def serve_pull(github: GitHubStandIn, head: str, base: str, files: dict[str, tuple[bytes | None,
+               bytes | None]], *, padding: int = 0) -> None:
+    """``files``: path -> (content at the base, content at the head) for the pull request;
+    ``padding`` other changed files (not sources) make the list span several pages."""
+    listed = [{"filename": f"docs/page{index}.md", "status": "modified"}
+              for index in range(padding)]
+    for path, (before, after) in files.items():
+        listed.append({"filename": path, "status": "added" if before is None else "modified"})
+        if before is not None:
+            github.add_file(BASE_REPO, path, base, before)
+        if after is not None:
+            github.add_file(FORK, path, head, after)
+    github.add_pull(BASE_REPO, NUMBER, listed)
+
+
+async def test_a_fork_pull_request_runs_only_the_changed_entry_and_comments_once(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    head, base = new_sha(), new_sha()
+    # 250 other files first: the sources are on the third page of `pulls/7/files`.
+    serve_pull(github, head, base, {
+        "sources/us/ks/a.json": (source_two(url, "CITY"), source_two(url, "TOWN")),
+        "sources/us/ks/b.json": (source(url, "only"), source(url, "only")),
+    }, padding=250)
+    answer = await deliver(client, "pull_request", pr_payload("opened", head, base))
+    assert answer["http_status"] == 202
+    done = await processed(db_pool, answer["delivery"])
+    assert done["outcome"] == "job"
+    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", done["job_id"])
+    assert (job["event"], job["repo"], job["sha"], job["pr_number"], job["head_repo"],
+            job["base_sha"]) == ("pull_request", BASE_REPO, head, NUMBER, FORK, base)
+    runs = await db_pool.fetch("SELECT source_path, entry_name FROM runs")
+    # One of two entries of a.json changed; b.json did not change at all.
+    assert [tuple(r) for r in runs] == [("sources/us/ks/a.json", "two")]
+    pages = [path for method, path in github.requests if path.endswith(f"/pulls/{NUMBER}/files")]
+    assert len(pages) == 3
+    # Read from the fork at the head, from the base repository at the base.
+    assert ("GET", f"/repos/{FORK}/contents/sources/us/ks/a.json") in github.requests
+    assert ("GET", f"/repos/{BASE_REPO}/contents/sources/us/ks/a.json") in github.requests
+
+    async def comment_and_pending() -> bool:
+        return bool(github.comments) and github.states(head) == ["pending"]
+
+    await until(comment_and_pending, "the pending status and the comment")
+    assert github.statuses[0].description == "Checking us/ks/a"
+    assert github.statuses[0].context == "openaddresses/hooked"
+    (comment_id, (repo, number, body)), = github.comments.items()
+    assert (repo, number) == (BASE_REPO, NUMBER)
+    assert "[us/ks/a](http://oa.example.org/runs/" in body and "| two |" in body
+
+    # New commits where nothing changes any more: "Nothing to check", the comment edited.
+    head2 = new_sha()
+    serve_pull(github, head2, base, {
+        "sources/us/ks/a.json": (source_two(url, "CITY"), source_two(url, "CITY")),
+    })
+    again = await deliver(client, "pull_request", pr_payload("synchronize", head2, base))
+    await processed(db_pool, again["delivery"])
+
+    async def nothing_posted() -> bool:
+        return github.states(head2) == ["success"] and len(github.comment_requests) == 2
+
+    await until(nothing_posted, "Nothing to check and the comment edited")
+    assert github.statuses[-1].description == "Nothing to check"
+    assert github.comment_requests == [("POST", comment_id), ("PATCH", comment_id)]
+    assert "nothing to check" in github.comments[comment_id][2]
+
+
+async def test_closed_and_labeled_pull_requests_create_nothing(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool,
+) -> None:
+    for action in ("closed", "labeled"):
+        answer = await deliver(client, "pull_request", pr_payload(action, new_sha(), new_sha()))
+        assert answer["http_status"] == 202
+        assert "no new commits" in answer["ignored"]
+    assert await db_pool.fetchval("SELECT count(*) FROM deliveries") == 0
+
+
+async def test_who_may_ask_for_a_re_run_and_how_often(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    head, base = new_sha(), new_sha()
+    serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
+    first = await deliver(client, "pull_request", pr_payload("opened", head, base))
+    await processed(db_pool, first["delivery"])
+
+    stranger = await deliver(client, "issue_comment",
+                             comment_payload("Re-run this, please!", "passer-by", "NONE"))
+    assert stranger["http_status"] == 202 and "may not ask" in stranger["ignored"]
+    chatter = await deliver(client, "issue_comment",
+                            comment_payload("Looks good to me", "contributor", "NONE"))
+    assert "not a request to re-run" in chatter["ignored"]
+    on_issue = await deliver(client, "issue_comment", comment_payload(
+        "re-run this, please", "contributor", "NONE", on_pr=False))
+    assert "not a request to re-run" in on_issue["ignored"]
+
+    # The author may (any case, anywhere in the comment): a new job with reuse off.
+    author = await deliver(client, "issue_comment",
+                           comment_payload("Please RE-RUN THIS, PLEASE. Thanks", "contributor",
+                                           "NONE"))
+    rerun = await processed(db_pool, author["delivery"])
+    assert rerun["outcome"] == "job"
+    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", rerun["job_id"])
+    assert (job["event"], job["sha"], job["pr_number"]) == ("rerun", head, NUMBER)
+    reuse = await db_pool.fetch("SELECT reuse FROM runs WHERE job_id = $1", rerun["job_id"])
+    assert [row["reuse"] for row in reuse] == [False]
+
+    # A member asks again within the minute: nothing new.
+    member = await deliver(client, "issue_comment",
+                           comment_payload("re-run this, please", "maintainer", "MEMBER"))
+    too_soon = await processed(db_pool, member["delivery"])
+    assert too_soon["outcome"] == "ignored" and "less than a minute" in too_soon["last_error"]
+    assert await db_pool.fetchval("SELECT count(*) FROM jobs") == 2
+
+    # After the minute, a member may.
+    await db_pool.execute("UPDATE pull_requests SET last_rerun_at = now() - interval '2 min'")
+    owner = await deliver(client, "issue_comment",
+                          comment_payload("re-run this, please", "maintainer", "OWNER"))
+    assert (await processed(db_pool, owner["delivery"]))["outcome"] == "job"
+    assert await db_pool.fetchval("SELECT count(*) FROM jobs") == 3
+
+
+async def test_a_branch_push_is_checked_against_the_default_branch_merge_base(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    head, merge_base = new_sha(), new_sha()
+    payload = json.loads((FIXTURES / "github" / "push.with-new-branch.payload.json").read_text())
+    payload.update(ref="refs/heads/add-kansas", after=head, before=new_sha())
+    payload["repository"]["full_name"] = BASE_REPO
+    payload["repository"]["default_branch"] = "master"
+    # Only the last commit's files are in the payload; the branch changes two files.
+    github.add_comparison(BASE_REPO, "master", head, merge_base, [
+        {"filename": "sources/us/ks/a.json", "status": "added"},
+        {"filename": "sources/us/ks/b.json", "status": "modified"},
+        {"filename": "sources/us/ks/gone.json", "status": "removed"},
+    ])
+    github.add_file(BASE_REPO, "sources/us/ks/a.json", head, source(url, "one"))
+    github.add_file(BASE_REPO, "sources/us/ks/b.json", head, source(url, "one", city="TOWN"))
+    github.add_file(BASE_REPO, "sources/us/ks/b.json", merge_base, source(url, "one"))
+    answer = await deliver(client, "push", json.dumps(payload).encode())
+    done = await processed(db_pool, answer["delivery"])
+    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", done["job_id"])
+    assert (job["event"], job["base_sha"], job["ref"]) == ("push", merge_base,
+                                                          "refs/heads/add-kansas")
+    runs = await db_pool.fetch("SELECT source_path FROM runs ORDER BY source_path")
+    assert [row["source_path"] for row in runs] == ["sources/us/ks/a.json",
+                                                    "sources/us/ks/b.json"]
+
+
+async def test_github_failing_for_a_while_or_rate_limited_delays_the_job_without_hammering(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    head, base = new_sha(), new_sha()
+    serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
+    # Two 500s are absorbed by the client's own retries.
+    github.fail_next(2)
+    answer = await deliver(client, "pull_request", pr_payload("opened", head, base))
+    assert (await processed(db_pool, answer["delivery"]))["outcome"] == "job"
+
+    # A rate limit that resets in 12 s: one refused request, then nothing until the reset.
+    head2 = new_sha()
+    serve_pull(github, head2, base, {"sources/us/ks/a.json": (None, source(url, "two"))})
+    github.limit_rate(12)
+    seen = len(github.requests)
+    limited = await deliver(client, "pull_request", pr_payload("synchronize", head2, base))
+    await asyncio.sleep(6)
+    row = await db_pool.fetchrow("SELECT * FROM deliveries WHERE delivery_id = $1",
+                                 limited["delivery"])
+    assert row["processed_at"] is None and "rate limit" in row["last_error"].lower()
+    assert len(github.requests) - seen == 1, github.requests[seen:]
+    done = await processed(db_pool, limited["delivery"], timeout_s=40)
+    assert done["outcome"] == "job"
+
+
+async def test_a_delivery_that_cannot_be_processed_ends_with_an_error_status(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+) -> None:
+    head, base = new_sha(), new_sha()
+    # No such pull request on GitHub: 404, which no retry changes.
+    answer = await deliver(client, "pull_request", pr_payload("opened", head, base))
+    done = await processed(db_pool, answer["delivery"])
+    assert done["outcome"] == "error" and "404" in done["last_error"]
+
+    async def error_posted() -> bool:
+        return github.states(head) == ["error"]
+
+    await until(error_posted, "the error status")
+    assert github.statuses[-1].description.startswith("Could not check this commit")
+    assert github.statuses[-1].target_url == (
+        f"http://oa.example.org/api/deliveries/{answer['delivery']}")
+    assert await db_pool.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+async def test_the_answer_does_not_wait_for_github(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    head, base = new_sha(), new_sha()
+    serve_pull(github, head, base, {
+        f"sources/us/ks/s{index}.json": (None, source(url, "one")) for index in range(300)})
+    github.limit_rate(3)  # GitHub cannot even be asked for a few seconds
+    answer = await deliver(client, "pull_request", pr_payload("opened", head, base))
+    assert answer["http_status"] == 202
+    stored = await db_pool.fetchrow("SELECT * FROM deliveries WHERE delivery_id = $1",
+                                    answer["delivery"])
+    assert stored is not None and stored["processed_at"] is None
+    done = await processed(db_pool, answer["delivery"], timeout_s=60)
+    assert await db_pool.fetchval("SELECT count(*) FROM runs WHERE job_id = $1",
+                                  done["job_id"]) == 300
+
+    async def all_queued() -> bool:
+        return (await broker.queue_depth(QUEUE_TASKS))[0] == 300
+
+    await until(all_queued, "the 300 tasks")
