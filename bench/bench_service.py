@@ -4,11 +4,16 @@ Usage::
 
     .venv/bin/python -m bench.bench_service settle [--runs 5000]
     .venv/bin/python -m bench.bench_service pipeline [--runs 1000] [--rate 3] [--workers 2]
+    .venv/bin/python -m bench.bench_service hooks [--deliveries 50] [--sources 20]
 
 ``settle``: the dequeuer alone. ``runs`` open runs (ten per job) get their `done` published
 into the `done` queue first; then a :class:`Dequeuer` starts in this process and the clock runs
 until every run is settled (each settlement a transaction: the run, the job once its last run
 is in, the commit status into the outbox). Prints runs per second.
+
+``hooks``: the webhook alone as a process: ``deliveries`` pull requests of ``sources`` changed
+sources each are posted at once; prints the time to answer ``POST /hook`` and from the post to
+the ``pending`` status received by the GitHub stand-in (p50, p99, max).
 
 ``pipeline``: the whole system as real processes (``python -m services webhook``, ``worker`` ×
 ``workers``, ``dequeuer``), GitHub and a data provider played in this process. ``runs`` pushes
@@ -146,19 +151,23 @@ async def _open_runs(pool: asyncpg.Pool, runs: int) -> list[int]:
 
 
 class TimedGitHub(GitHubStandIn):
-    """The GitHub stand-in, noting when each commit's final status arrives."""
+    """The GitHub stand-in, noting when each commit's first and final statuses arrive."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.pending_at: dict[str, float] = {}
         self.final_at: dict[str, float] = {}
         self.final_seen = asyncio.Event()
 
     async def _status(self, request: web.Request) -> web.Response:
         response = await super()._status(request)
         posted = self.statuses[-1] if self.statuses else None
-        if response.status == 201 and posted is not None and posted.state != "pending":
-            self.final_at[posted.sha] = time.perf_counter()
-            self.final_seen.set()
+        if response.status == 201 and posted is not None:
+            if posted.state == "pending":
+                self.pending_at.setdefault(posted.sha, time.perf_counter())
+            else:
+                self.final_at[posted.sha] = time.perf_counter()
+                self.final_seen.set()
         return response
 
 
@@ -301,6 +310,111 @@ async def _report(database_url: str, github: TimedGitHub, sent: dict[str, float]
     print(line("run process time", sorted(process_s.values())))
 
 
+# --- the webhook's door ---------------------------------------------------------------------
+
+
+async def bench_hooks(deliveries: int, sources: int) -> None:
+    """``deliveries`` pull requests of ``sources`` changed sources each, all in flight at once:
+    the time to answer ``POST /hook``, and from the post to the ``pending`` status."""
+    async with fresh_backends() as (database_url, amqp_url):
+        github = TimedGitHub()
+        await github.start()
+        source = json.dumps({
+            "schema": 2, "coverage": {"country": "us", "state": "ks"},
+            "layers": {"addresses": [{
+                "name": "city", "data": "http://127.0.0.1:9/rows.csv", "protocol": "http",
+                "conform": {"format": "csv", "lon": "lon", "lat": "lat", "number": "number",
+                            "street": "street"}}]},
+        }).encode()
+        bodies: list[tuple[str, bytes]] = []
+        for number in range(1, deliveries + 1):
+            head, base = uuid.uuid4().hex + uuid.uuid4().hex[:8], "b" * 40
+            paths = [f"sources/bench/pr{number}/s{index}.json" for index in range(sources)]
+            github.add_pull(REPO, number, [{"filename": path, "status": "added"}
+                                           for path in paths])
+            for path in paths:
+                github.add_file(REPO, path, head, source)
+            bodies.append((head, _pull_request_payload(number, head, base)))
+        with tempfile.TemporaryDirectory(prefix="oa-bench-") as tmp:
+            port = _free_port()
+            env = {
+                **{k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES},
+                "DATABASE_URL": database_url, "AMQP_URL": amqp_url,
+                "STORAGE_URL": Path(tmp, "storage").as_uri(), "GITHUB_API_URL": github.url,
+                "WEBHOOK_SECRETS": SECRET, "HTTP_PORT": str(port), "METRICS_PORT": "0",
+                "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
+            }
+            webhook = await asyncio.create_subprocess_exec(
+                sys.executable, *os.environ.get("OA_BENCH_WEBHOOK", "-m services webhook").split(),
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )
+            try:
+                base_url = f"http://127.0.0.1:{port}"
+                await _wait_ready(base_url)
+                answered: list[float] = []
+                sent: dict[str, float] = {}
+                async with aiohttp.ClientSession() as session:
+
+                    async def post(sha: str, body: bytes) -> None:
+                        headers = _signed(body, "pull_request")
+                        sent[sha] = time.perf_counter()
+                        async with session.post(f"{base_url}/hook", data=body,
+                                                headers=headers) as response:
+                            await response.read()
+                            assert response.status == 202, response.status
+                        answered.append(time.perf_counter() - sent[sha])
+
+                    await asyncio.gather(*(post(sha, body) for sha, body in bodies))
+                deadline = time.perf_counter() + 120
+                while len(github.pending_at) < deliveries and time.perf_counter() < deadline:
+                    await asyncio.sleep(0.05)
+                to_pending = sorted(github.pending_at[sha] - sent[sha]
+                                    for sha in sent if sha in github.pending_at)
+                print(f"hooks: {deliveries} pull requests of {sources} sources in flight at once;"
+                      f" {len(to_pending)} pending statuses")
+                print(_percentiles("POST /hook answered", sorted(answered)))
+                print(_percentiles("delivery -> pending status", to_pending))
+            finally:
+                webhook.terminate()
+                await webhook.wait()
+        await github.stop()
+
+
+def _pull_request_payload(number: int, head: str, base: str) -> bytes:
+    owner, name = REPO.split("/")
+    return json.dumps({
+        "action": "opened", "number": number,
+        "pull_request": {
+            "number": number, "user": {"login": "contributor"},
+            "head": {"ref": f"pr-{number}", "sha": head, "repo": {"full_name": REPO}},
+            "base": {"ref": "main", "sha": base, "repo": {"full_name": REPO}},
+        },
+        "repository": {"full_name": REPO, "name": name, "owner": {"login": owner},
+                       "default_branch": "main"},
+    }).encode()
+
+
+def _signed(body: bytes, event: str) -> dict[str, str]:
+    import hashlib
+    import hmac
+
+    return {
+        "Content-Type": "application/json", "X-GitHub-Event": event,
+        "X-GitHub-Delivery": str(uuid.uuid4()),
+        "X-Hub-Signature-256": "sha256=" + hmac.new(SECRET.encode(), body,
+                                                    hashlib.sha256).hexdigest(),
+    }
+
+
+def _percentiles(name: str, values: list[float]) -> str:
+    if not values:
+        return f"  {name}: none"
+    p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
+    return (f"  {name}: p50 {statistics.median(values) * 1000:,.1f} ms, "
+            f"p99 {p99 * 1000:,.1f} ms, max {values[-1] * 1000:,.1f} ms")
+
+
 def _cpu_s(pid: int) -> float:
     """CPU seconds of ``pid`` and of every process below it (alive or reaped)."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -333,11 +447,16 @@ def main(argv: list[str]) -> None:
     pipeline.add_argument("--runs", type=int, default=1000)
     pipeline.add_argument("--rate", type=float, default=3.0, help="pushes per second")
     pipeline.add_argument("--workers", type=int, default=2)
+    hooks = modes.add_parser("hooks", help="the webhook's answer and the pending status")
+    hooks.add_argument("--deliveries", type=int, default=50)
+    hooks.add_argument("--sources", type=int, default=20)
     args = parser.parse_args(argv)
     # As a service logs in production (JSON, info): its cost is part of what is measured.
     configure_logging("json", "info", service="bench")
     if args.mode == "settle":
         asyncio.run(bench_settle(args.runs))
+    elif args.mode == "hooks":
+        asyncio.run(bench_hooks(args.deliveries, args.sources))
     else:
         asyncio.run(bench_pipeline(args.runs, args.rate, args.workers))
 

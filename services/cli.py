@@ -1,4 +1,4 @@
-"""The `oa-machine` command: start a service, all of them, migrate, or process one source.
+"""The `oa-machine` command: start a service, all of them, migrate, process or check sources.
 
 A launcher, not a service: it imports a service's entry point only when asked for it.
 """
@@ -39,7 +39,32 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("outdir", help="folder for the outputs")
     one.add_argument("--layer", default="addresses")
     one.add_argument("--name", default=None, help="entry name (default: the layer's first)")
+    check = commands.add_parser(
+        "check-sources",
+        help="check source files as a pull request would be checked (no network); "
+             "exit 1 on any problem",
+        description="Parse, upgrade and validate every source file given (folders are searched "
+                    "for *.json, inside their sources/ folder when they have one), compile "
+                    "every conform against the fields it names and run every inline "
+                    "acceptance test. Prints one line per problem and a summary; exits 1 on "
+                    "any problem.",
+    )
+    check.add_argument(
+        "paths", nargs="+", metavar="PATH",
+        help="a source file, or a folder to search (a sources repository checkout works)",
+    )
+    check.add_argument(
+        "--json", action="store_true",
+        help="print one JSON document (ok, counts, problems with file, where, message and "
+             "code) instead of lines",
+    )
+    check.add_argument(
+        "--jobs", type=int, default=None, metavar="N",
+        help="processes to check with (default: one per available core)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "check-sources":
+        sys.exit(_check_sources(args.paths, as_json=args.json, jobs=args.jobs))
     if args.command == "process-one":
         # The run's process imports pyarrow and the rest while this one imports pydantic
         # and validates the source: two cores, half the waiting.
@@ -83,6 +108,22 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         start("process-one", run)
         sys.exit(code)
+
+
+def _check_sources(paths: list[str], *, as_json: bool, jobs: int | None) -> int:
+    # No settings, database or broker: a contributor runs this on a bare checkout.
+    import json
+
+    from services.checks import check_sources, default_jobs
+
+    report = check_sources(paths, jobs=jobs if jobs is not None else default_jobs())
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        for problem in report.problems:
+            print(problem)
+        print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _migrate(settings: Settings) -> None:

@@ -19,6 +19,7 @@ behind the weekly set.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,8 @@ log = get_logger(__name__)
 
 #: Runs claimed and published per round.
 BATCH = 200
+#: Tasks published at once (their confirms awaited together).
+PUBLISH_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -82,29 +85,51 @@ async def dispatch(
             job_id, limit,
         )
     rows = sorted(rows, key=lambda row: (row["job_id"] is None, row["id"]))
-    queued = failed = 0
-    for index, row in enumerate(rows):
+    ready: list[tuple[asyncpg.Record, Task]] = []
+    failed = 0
+    # A re-run asked for in a comment must not reuse anything: it exists to do it again.
+    earlier = await latest_successes(
+        pool, [(row["source_path"], row["layer"], row["entry_name"]) for row in rows
+               if row["reuse"]])
+    for row in rows:
         try:
-            task = await _task_for(pool, row, run_timeout_s)
+            previous = earlier.get((row["source_path"], row["layer"], row["entry_name"]))
+            ready.append((row, _task_for(row, run_timeout_s, previous)))
         except SourceError as exc:
             await _fail(pool, row, exc, public_base_url)
             failed += 1
+    queued = 0
+    left: list[int] = []
+    for start in range(0, len(ready), PUBLISH_WINDOW):
+        window = ready[start:start + PUBLISH_WINDOW]
+        if left:  # the broker refused already: the rest waits for the sweep
+            left.extend(row["id"] for row, _task in window)
             continue
-        try:
-            await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, task)
-        except PublishError as exc:
-            left = [other["id"] for other in rows[index:]]
-            await _unclaim(pool, left)
-            log.warning("runs.queue_failed", runs=len(left), error=str(exc))
-            return DispatchResult(queued, len(left), failed)
-        queued += 1
-        log.info("run.queued", run_id=row["id"], job_id=row["job_id"], set_id=row["set_id"],
-                 source=row["source_path"], layer=row["layer"], entry=row["entry_name"],
-                 attempt=row["attempt"])
-    return DispatchResult(queued, 0, failed)
+        # Published together: each confirm is a round trip, and a job's runs need not wait
+        # for each other's.
+        results = await asyncio.gather(
+            *(broker.publish(EXCHANGE_TASKS, ROUTE_TASK, task) for _row, task in window),
+            return_exceptions=True,
+        )
+        for (row, _task), result in zip(window, results, strict=True):
+            if isinstance(result, PublishError):
+                left.append(row["id"])
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                queued += 1
+                log.info("run.queued", run_id=row["id"], job_id=row["job_id"],
+                         set_id=row["set_id"], source=row["source_path"], layer=row["layer"],
+                         entry=row["entry_name"], attempt=row["attempt"])
+    if left:
+        await _unclaim(pool, left)
+        log.warning("runs.queue_failed", runs=len(left))
+    return DispatchResult(queued, len(left), failed)
 
 
-async def _task_for(pool: asyncpg.Pool, row: asyncpg.Record, run_timeout_s: float) -> Task:
+def _task_for(
+    row: asyncpg.Record, run_timeout_s: float, earlier: asyncpg.Record | None
+) -> Task:
     source = row["source"]
     if not isinstance(source, dict):
         raise SourceError("the run has no source to process")
@@ -114,9 +139,7 @@ async def _task_for(pool: asyncpg.Pool, row: asyncpg.Record, run_timeout_s: floa
         source_path=row["source_path"], layer=row["layer"], entry_name=row["entry_name"],
         commit_sha=row["commit_sha"], source=source,
         timeout_s=entry_timeout_s(entry, run_timeout_s),
-        # A re-run asked for in a comment must not reuse anything: it exists to do it again.
-        previous=(await previous_run(pool, row["source_path"], row["layer"], entry)
-                  if row["reuse"] else None),
+        previous=reusable(earlier, row["layer"], row["entry_name"], entry),
     )
 
 
@@ -148,31 +171,45 @@ async def _fail(
     log.error("run.failed", run_id=row["id"], problem=exc.problem, error=str(exc))
 
 
-async def previous_run(
-    pool: asyncpg.Pool, source_path: str, layer: str, entry: dict[str, Any]
+async def latest_successes(
+    pool: asyncpg.Pool, keys: list[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], asyncpg.Record]:
+    """The latest successful run of each ``(source path, layer, entry name)``, in one query."""
+    if not keys:
+        return {}
+    rows = await pool.fetch(
+        """
+        SELECT DISTINCT ON (r.source_path, r.layer, r.entry_name)
+               r.id, r.source_path, r.layer, r.entry_name, r.source, r.outputs, r.state,
+               r.fingerprint, r.etag, r.last_modified
+        FROM runs AS r
+        JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(path, layer, name)
+          ON r.source_path = k.path AND r.layer = k.layer AND r.entry_name = k.name
+        WHERE r.status = 'success'
+        ORDER BY r.source_path, r.layer, r.entry_name, r.finished_at DESC
+        """,
+        [key[0] for key in keys], [key[1] for key in keys], [key[2] for key in keys],
+    )
+    return {(row["source_path"], row["layer"], row["entry_name"]): row for row in rows}
+
+
+def reusable(
+    earlier: asyncpg.Record | None, layer: str, name: str, entry: dict[str, Any]
 ) -> PreviousRun | None:
-    """The latest successful run of this entry if the entry is unchanged since, else None.
+    """``earlier`` (the latest successful run of the entry) if the entry is unchanged since.
 
     Only an identical entry qualifies: a changed conform must be re-run even on the same data.
     """
-    row = await pool.fetchrow(
-        """
-        SELECT id, source, entry_name, outputs, state, fingerprint, etag, last_modified
-        FROM runs
-        WHERE source_path = $1 AND layer = $2 AND entry_name = $3 AND status = 'success'
-        ORDER BY finished_at DESC LIMIT 1
-        """,
-        source_path, layer, entry["name"],
-    )
-    if row is None or row["source"] is None:
+    if earlier is None or earlier["source"] is None:
         return None
     try:
-        earlier = get_entry(row["source"], layer, row["entry_name"])
+        before = get_entry(earlier["source"], layer, name)
     except SourceError:
         return None
-    if earlier != entry:
+    if before != entry:
         return None
     return PreviousRun(
-        run_id=row["id"], fingerprint=row["fingerprint"], etag=row["etag"],
-        last_modified=row["last_modified"], outputs=row["outputs"], state=row["state"],
+        run_id=earlier["id"], fingerprint=earlier["fingerprint"], etag=earlier["etag"],
+        last_modified=earlier["last_modified"], outputs=earlier["outputs"],
+        state=earlier["state"],
     )

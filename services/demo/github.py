@@ -11,6 +11,7 @@ tests use it as GitHub. It is a real HTTP server on 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class GitHubStandIn:
     _failing: int = 0
     #: Until then (epoch seconds) requests are refused as over the rate limit.
     _limited_until: float = 0.0
+    #: Every answer waits this long first (a slow GitHub).
+    delay_s: float = 0.0
     _scripts: list[_Script] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     url: str = ""
@@ -150,6 +153,8 @@ class GitHubStandIn:
     @web.middleware
     async def _trouble(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if self._limited_until > time.time():
             return web.json_response(
                 {"message": "API rate limit exceeded"}, status=403,

@@ -11,9 +11,10 @@ import jinja2
 from aiohttp import web
 
 from services.webhook import routes
+from services.webhook.budget import ByteBudget
 from services.webhook.deliveries import DeliveryProcessor
 from services.webhook.keys import (
-    BODY_SLOTS,
+    BODY_BUDGET,
     BROKER,
     GITHUB,
     POOL,
@@ -36,7 +37,7 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=routes.MAX_BODY_BYTES, middlewares=[routes.error_pages]
     )
     app[SETTINGS] = settings
-    app[BODY_SLOTS] = asyncio.Semaphore(routes.BODY_READS)
+    app[BODY_BUDGET] = ByteBudget(routes.BODY_BUDGET_BYTES)
     app[TEMPLATES] = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
         autoescape=True,

@@ -68,7 +68,9 @@ async def plan_push(event: PushEvent, github: GitHub) -> Plan:
     """The plan of a push (to the default branch or to another)."""
     repo, sha = event.repository.full_name, event.after
     if event.on_default_branch:
-        paths = [(path, path) for path in event.changed_sources()]
+        paths: list[tuple[str, str | None]] = [
+            (path, path) for path in event.changed_sources()
+        ]
         base = event.before if event.before != ZERO_SHA else None
     else:
         comparison = await github.compare(repo, event.repository.default_branch, sha)
@@ -98,19 +100,21 @@ async def plan_pull_request_event(event: PullRequestEvent, github: GitHub) -> Pl
     )
 
 
-def _source_files(files: Sequence[ChangedFile]) -> list[tuple[str, str]]:
-    """``(path at the head, path at the base)`` of the changed sources still there."""
-    changed = []
+def _source_files(files: Sequence[ChangedFile]) -> list[tuple[str, str | None]]:
+    """``(path at the head, path at the base)`` of the changed sources still there; the base
+    path is None for an added file (nothing to read there)."""
+    changed: list[tuple[str, str | None]] = []
     for item in files:
         if item.status == "removed" or not is_source_path(item.filename):
             continue
-        changed.append((item.filename, item.previous_filename or item.filename))
-    return sorted(set(changed))
+        base = None if item.status == "added" else (item.previous_filename or item.filename)
+        changed.append((item.filename, base))
+    return sorted(set(changed), key=lambda pair: pair[0])
 
 
 async def read_changes(
     github: GitHub,
-    paths: Sequence[tuple[str, str]],
+    paths: Sequence[tuple[str, str | None]],
     *,
     head_repo: str,
     head_sha: str,
@@ -134,10 +138,10 @@ async def read_changes(
                     return None
                 raise
 
-    async def one(head_path: str, base_path: str) -> ChangedSource | None:
+    async def one(head_path: str, base_path: str | None) -> ChangedSource | None:
         head_bytes, base_bytes = await asyncio.gather(
             read(head_repo, head_path, head_sha),
-            read(base_repo, base_path, base_sha) if base_sha else _nothing(),
+            read(base_repo, base_path, base_sha) if base_sha and base_path else _nothing(),
         )
         if head_bytes is None:
             return None
@@ -146,7 +150,7 @@ async def read_changes(
         except SourceError as exc:
             return ChangedSource(head_path, None, exc)
         try:
-            entries = changed_entries(_parsed(base_bytes, base_path), new)
+            entries = changed_entries(_parsed(base_bytes, base_path or head_path), new)
         except SourceError as exc:
             return ChangedSource(head_path, None, exc)
         return ChangedSource(head_path, new, None, entries)

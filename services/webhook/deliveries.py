@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from services.webhook.changes import Plan, plan_pull_request, plan_pull_request_event, plan_push
 from services.webhook.events import IssueCommentEvent, PullRequestEvent, PushEvent
-from services.webhook.intake import after_commit, create_job
+from services.webhook.intake import announce, create_job, queue_runs
 from shared.broker import Broker
 from shared.config import Settings
 from shared.errors import GitHubError
@@ -52,6 +52,8 @@ MAX_ATTEMPTS = 8
 CLAIM = timedelta(seconds=30)
 #: Deliveries worked on at once by one process.
 CONCURRENCY = 8
+#: How long a stored delivery waits before the processor looks (see DeliveryProcessor.wake).
+WAKE_DELAY_S = 0.02
 #: Re-runs asked for in comments: at most one per pull request in this time.
 RERUN_INTERVAL = timedelta(minutes=1)
 
@@ -64,16 +66,15 @@ class Stored:
     duplicate: bool
 
 
-async def store_delivery(
-    pool: asyncpg.Pool, delivery_id: str, event: str, payload: dict[str, Any]
-) -> Stored:
-    """Store a delivery once (one insert); a redelivery returns the stored one."""
+async def store_delivery(pool: asyncpg.Pool, delivery_id: str, event: str, body: str) -> Stored:
+    """Store a delivery once (one insert of its JSON body as received, checked to be JSON
+    already); a redelivery returns the stored one."""
     row_id = await pool.fetchval(
         """
-        INSERT INTO deliveries (delivery_id, event, payload) VALUES ($1, $2, $3)
+        INSERT INTO deliveries (delivery_id, event, payload) VALUES ($1, $2, $3::text::jsonb)
         ON CONFLICT (delivery_id) DO NOTHING RETURNING id
         """,
-        delivery_id, event, payload,
+        delivery_id, event, body,
     )
     if row_id is not None:
         return Stored(int(row_id), duplicate=False)
@@ -98,10 +99,30 @@ class DeliveryProcessor:
         self.github = github
         self.settings = settings
         self._wake = asyncio.Event()
+        self._wake_pending = False
+        self._queueing: set[asyncio.Task[int]] = set()
+
+    def _queued(self, task: asyncio.Task[int]) -> None:
+        self._queueing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("runs.queue_failed", error=repr(task.exception()))
 
     def wake(self) -> None:
-        """A delivery was stored: look now."""
-        self._wake.set()
+        """A delivery was stored: look in a moment.
+
+        Deliveries come in bursts (a busy morning, a redelivery of many); waiting
+        :data:`WAKE_DELAY_S` lets the webhook store and answer the whole burst before it starts
+        the heavier work of reading what changed, which shares the same event loop.
+        """
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+
+        def wake_now() -> None:
+            self._wake_pending = False
+            self._wake.set()
+
+        asyncio.get_running_loop().call_later(WAKE_DELAY_S, wake_now)
 
     async def run(self) -> None:
         """Process due deliveries for ever, waiting out database outages."""
@@ -113,7 +134,9 @@ class DeliveryProcessor:
                 self._wake.clear()
                 try:
                     claimed = await self._claim(CONCURRENCY - len(working))
-                    next_due_s = await self._next_due_s()
+                    # Woken again when a slot frees or a delivery arrives; only an idle loop
+                    # needs to know when the next retry is due.
+                    next_due_s = 60.0 if claimed or working else await self._next_due_s()
                     backoff.reset()
                 except Exception as exc:
                     if not is_outage(exc):
@@ -135,9 +158,9 @@ class DeliveryProcessor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), next_due_s)
         finally:
-            for task in working:
-                task.cancel()
-            await asyncio.gather(*working, return_exceptions=True)
+            for pending in (*working, *self._queueing):
+                pending.cancel()
+            await asyncio.gather(*working, *self._queueing, return_exceptions=True)
 
     async def run_due(self) -> int:
         """Process every delivery due now, then return how many (tests, burst mode)."""
@@ -145,6 +168,7 @@ class DeliveryProcessor:
         while rows := await self._claim(CONCURRENCY):
             await asyncio.gather(*(self._process_guarded(row) for row in rows))
             done += len(rows)
+        await asyncio.gather(*self._queueing, return_exceptions=True)
         return done
 
     async def _claim(self, limit: int) -> list[asyncpg.Record]:
@@ -240,8 +264,13 @@ class DeliveryProcessor:
                 row["id"], result.job_id,
             )
         if result.job_id is not None and not result.duplicate:
-            await after_commit(self.pool, self.broker, self.github, result.job_id,
-                               self.settings)
+            await announce(self.pool, self.github, self.settings)
+            # Queued in the background: the next delivery need not wait for these publishes.
+            # Should this process die first, the dequeuer's sweep queues them.
+            queueing = asyncio.create_task(
+                queue_runs(self.pool, self.broker, result.job_id, self.settings))
+            self._queueing.add(queueing)
+            queueing.add_done_callback(self._queued)
 
     async def _plan(self, event: str, payload: dict[str, Any]) -> Plan:
         try:

@@ -105,26 +105,35 @@ async def insert_runs(
             )
             count += 1
             continue
-        for entry in item.entries:
+        if item.entries:
+            # One statement for all the entries of the file: a pull request of 300 files makes
+            # 300 round trips fewer.
             await conn.execute(
                 """
                 INSERT INTO runs (job_id, source_path, layer, entry_name, commit_sha, source,
                                   reuse)
-                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                SELECT $1, $2, e.layer, e.name, $3, $4, $5
+                FROM unnest($6::text[], $7::text[]) WITH ORDINALITY AS e(layer, name, n)
+                ORDER BY e.n
                 """,
-                job_id, item.path, entry.layer, entry.name, sha, item.source, reuse,
+                job_id, item.path, sha, item.source, reuse,
+                [entry.layer for entry in item.entries], [entry.name for entry in item.entries],
             )
-            count += 1
+            count += len(item.entries)
     return count
 
 
-async def after_commit(
-    pool: asyncpg.Pool, broker: Broker, github: GitHub, job_id: int, settings: Settings
+async def queue_runs(
+    pool: asyncpg.Pool, broker: Broker, job_id: int, settings: Settings
 ) -> int:
-    """Send the outbox (``pending`` first), then queue the job's runs; returns how many."""
-    await send_statuses(pool, github, public_base_url=settings.public_base_url)
+    """Queue the job's runs (after its ``pending`` status went out); returns how many."""
     result = await dispatch(
         pool, broker, run_timeout_s=settings.run_timeout_s,
         public_base_url=settings.public_base_url, job_id=job_id, limit=10_000,
     )
     return result.queued
+
+
+async def announce(pool: asyncpg.Pool, github: GitHub, settings: Settings) -> None:
+    """Send the outbox: the new job's ``pending`` status (and its comment)."""
+    await send_statuses(pool, github, public_base_url=settings.public_base_url)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 import jinja2
 from aiohttp import web
 
+from services.webhook.budget import ByteBudget
 from services.webhook.deliveries import DeliveryProcessor
 from shared.broker import Broker
 from shared.config import Settings
@@ -20,7 +19,7 @@ BROKER = web.AppKey("broker", Broker)
 GITHUB = web.AppKey("github", GitHub)
 STORAGE = web.AppKey("storage", Storage)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
-#: Slots for reading request bodies whose signature is not checked yet.
-BODY_SLOTS = web.AppKey("body_slots", asyncio.Semaphore)
+#: Room for request bodies whose signature is not checked yet.
+BODY_BUDGET = web.AppKey("body_budget", ByteBudget)
 #: Makes stored deliveries into jobs, in the background.
 PROCESSOR = web.AppKey("processor", DeliveryProcessor)

@@ -5,10 +5,10 @@ limit, 400 for a body that is not the JSON we need (the reason is in the answer)
 events and actions we do not act on (nothing stored), 202 for a delivery stored to be made
 into a job (``deliveries.py``; the answer names ``/api/deliveries/{id}``, which tells what
 became of it), 503 while PostgreSQL is down (nothing is stored; the delivery can be
-redelivered). A body is read only once the request carries a signature header,
-and at most :data:`BODY_READS` unverified bodies are read at once (the others wait their turn,
-or get a 503 after :data:`BODY_WAIT_S`), so a flood of unsigned 25 MB posts cannot exhaust the
-service's memory. Pages and the JSON API read the database only.
+redelivered). A body is read only once the request carries a signature header, and at most
+:data:`BODY_BUDGET_BYTES` of unverified bodies are read at once (the others wait their turn, or
+get a 503 after :data:`BODY_WAIT_S`; ``budget.py``), so a flood of unsigned 25 MB posts cannot
+exhaust the service's memory. Pages and the JSON API read the database only.
 
 ``/metrics``, ``/health/live`` and ``/health/ready`` are the probes every service has
 (:mod:`shared.probes`); ``/health`` is the readiness probe under its older name.
@@ -23,12 +23,13 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import pydantic
 from aiohttp import web
 
 from services.webhook.deliveries import delivery_url, store_delivery
 from services.webhook.events import IssueCommentEvent, PullRequestEvent, PushEvent
-from services.webhook.keys import BODY_SLOTS, POOL, PROCESSOR, SETTINGS, STORAGE, TEMPLATES
+from services.webhook.keys import BODY_BUDGET, POOL, PROCESSOR, SETTINGS, STORAGE, TEMPLATES
 from services.webhook.signature import SignatureCheck
 from shared import metrics
 from shared.errors import NotFound
@@ -41,9 +42,9 @@ log = get_logger(__name__)
 
 #: GitHub caps webhook payloads at 25 MB.
 MAX_BODY_BYTES = 25 * 1024 * 1024 + 1024
-#: Unverified request bodies read at once; each may be up to the 25 MB GitHub sends.
-BODY_READS = 4
-#: How long a delivery waits for a free reading slot before it gets a 503.
+#: Bytes of unverified request bodies read at once: four of the largest GitHub sends.
+BODY_BUDGET_BYTES = 4 * MAX_BODY_BYTES
+#: How long a delivery waits for room in the budget before it gets a 503.
 BODY_WAIT_S = 30.0
 _CHUNK_BYTES = 64 * 1024
 
@@ -127,9 +128,10 @@ async def _read_signed_body(request: web.Request) -> bytes | web.Response:
         return web.json_response({"error": "missing or invalid signature"}, status=401)
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return web.json_response({"error": "body too large"}, status=413)
-    slots = request.app[BODY_SLOTS]
+    budget = request.app[BODY_BUDGET]
+    reserved = request.content_length if request.content_length is not None else MAX_BODY_BYTES
     try:
-        await asyncio.wait_for(slots.acquire(), BODY_WAIT_S)
+        await asyncio.wait_for(budget.acquire(reserved), BODY_WAIT_S)
     except TimeoutError:
         log.warning("hook.busy", delivery=delivery)
         return web.json_response({"error": "too many deliveries at once, try again"},
@@ -151,7 +153,7 @@ async def _read_signed_body(request: web.Request) -> bytes | web.Response:
             log.warning("hook.unauthorized", delivery=delivery, reason="wrong signature")
             return web.json_response({"error": "missing or invalid signature"}, status=401)
     finally:
-        slots.release()
+        await budget.release(reserved)
     return b"".join(chunks)
 
 
@@ -193,7 +195,14 @@ async def _hook(request: web.Request, event: str) -> web.Response:
     if reason is not None:
         log.info("hook.ignored", delivery=delivery, event_name=event, reason=reason)
         return web.json_response({"ignored": reason}, status=202)
-    stored = await store_delivery(request.app[POOL], delivery, event, payload)
+    # The body as received (json.loads accepted it, so it is UTF-8 JSON): PostgreSQL parses it
+    # once more rather than Python encoding the parsed payload again.
+    try:
+        stored = await store_delivery(request.app[POOL], delivery, event, body.decode())
+    except asyncpg.exceptions.UntranslatableCharacterError as exc:
+        # JSON may say \u0000; PostgreSQL's jsonb cannot hold it. GitHub never sends one.
+        return web.json_response({"error": f"{event} payload cannot be stored: {exc}"},
+                                 status=400)
     request.app[PROCESSOR].wake()
     answer: dict[str, Any] = {
         "delivery": delivery, "queued": True,

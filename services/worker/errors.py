@@ -33,3 +33,18 @@ class RunError(Exception):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ConformError(RunError):
+    """A conform that cannot be compiled (``conform_failed``), saying where in it.
+
+    ``key`` is the conform key at fault (an attribute, ``lon``, ``lat``, ``srs``; ``""`` for
+    the conform as a whole) and ``detail`` what is wrong with it (``chain step 2: pattern '('
+    does not compile: ...``), so that ``check-sources`` can point at ``conform.<key>`` in the
+    file. The message, a run's error, names the attribute unless given.
+    """
+
+    def __init__(self, key: str, detail: str, *, message: str | None = None) -> None:
+        super().__init__(message or f"attribute {key!r}: {detail}", "conform_failed")
+        self.key = key
+        self.detail = detail

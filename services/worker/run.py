@@ -28,7 +28,7 @@ from services.worker.conform.acceptance import run_acceptance_tests
 from services.worker.conform.engine import GEOMETRY, Conformer
 from services.worker.conform.functions import referenced_fields
 from services.worker.conform.readers import open_reader
-from services.worker.conform.writers import OutputSummary, OutputWriter
+from services.worker.conform.writers import CSV_NAME, GEOJSON_NAME, OutputSummary, OutputWriter
 from services.worker.errors import RunError
 from services.worker.isolation import RunRequest
 from services.worker.sources.archive import unpack
@@ -103,7 +103,7 @@ def run_entry(request: RunRequest) -> RunState:
         state.error = str(exc)
     finally:
         state.process_time = round(time.monotonic() - started, 3)
-        state.processed = datetime.now(UTC).isoformat(timespec="seconds")
+        state.processed_at = datetime.now(UTC).isoformat(timespec="seconds")
     return state
 
 
@@ -199,9 +199,14 @@ def _same_data(previous: Mapping[str, Any], download: Download) -> bool:
 def _reused(state: RunState, previous: Mapping[str, Any], download: Download) -> RunState:
     """Take the earlier run's results: same entry, same data (304 or same fingerprint)."""
     earlier = RunState.model_validate(previous["state"])
-    for field in ("feature_count", "geometry_type", "bounds", "attribute_counts", "sample",
-                  "preview", "processed_zip", "cache", "tests_passed", "dropped_rows", "version"):
+    for field in ("feature_count", "address_count", "geometry_type", "bounds",
+                  "attribute_counts", "sample", "preview", "processed_zip", "cache",
+                  "tests_passed", "dropped_rows", "version"):
         setattr(state, field, getattr(earlier, field))
+    # An earlier state may predate "processed" naming the file (it held the time then).
+    state.processed = _processed_name(state.layer) if earlier.feature_count else None
+    if state.layer == "addresses" and state.address_count is None:
+        state.address_count = earlier.feature_count
     state.reused_from = int(previous["run_id"])
     state.fingerprint = download.fingerprint or earlier.fingerprint
     log.info("data unchanged since run %s; reusing its outputs", state.reused_from)
@@ -246,16 +251,25 @@ def _conform(
                     tick(done)
         summary = writer.close()
     state.feature_count = summary.feature_count
+    if request.layer == "addresses":
+        state.address_count = summary.feature_count
     state.geometry_type = summary.geometry_type
     state.bounds = summary.bounds
     state.attribute_counts = summary.attribute_counts
     state.dropped_rows = conformer.dropped_rows
     files = summary.files
+    state.processed = _processed_name(request.layer) if summary.feature_count else None
     state.preview = "preview.png" if "preview.png" in files else None
     state.processed_zip = "processed.zip" if "processed.zip" in files else None
     log.info("conformed %d features (%d rows dropped without usable geometry)",
              summary.feature_count, conformer.dropped_rows)
     return summary
+
+
+def _processed_name(layer: str) -> str:
+    """The processed data's file, as the reference's ``processed`` names it: the CSV for
+    addresses (its only output), the GeoJSON for the layers that have no CSV."""
+    return CSV_NAME if layer == "addresses" else GEOJSON_NAME
 
 
 @functools.cache

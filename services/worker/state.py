@@ -1,7 +1,9 @@
 """The state of one run, written as ``index.json``.
 
 Keys keep the reference Machine's spelling (with spaces) so that existing consumers of its
-``index.json`` / ``state.txt`` keep working; the model gives them Python names.
+``index.json`` / ``state.txt`` keep working; the model gives them Python names. The keys we
+added are marked *ours* below; README.md ("Outputs of a run") lists every key with its meaning
+and where ours differs from the reference's.
 """
 
 from __future__ import annotations
@@ -29,13 +31,19 @@ class RunState(BaseModel):
     website: str | None = None
     license: str | None = None
     geometry_type: str | None = Field(default=None, alias="geometry type")
+    #: The reference's count; only addresses have it (None for the other layers).
+    address_count: int | None = Field(default=None, alias="address count")
+    #: Ours: the count for every layer (what our pages and metrics read).
     feature_count: int | None = Field(default=None, alias="feature count")
     version: str | None = None
     fingerprint: str | None = None
     etag: str | None = None
     last_modified: str | None = Field(default=None, alias="last modified")
     cache_time: float | None = Field(default=None, alias="cache time")
+    #: The processed data's file in the run folder, as in the reference (``out.csv``).
     processed: str | None = None
+    #: Ours: when the run ended (ISO 8601, UTC).
+    processed_at: str | None = Field(default=None, alias="processed at")
     process_time: float | None = Field(default=None, alias="process time")
     output: str | None = None
     preview: str | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ from shared.sources import (
     list_entries,
     load_source,
     parse_source,
+    schema_problems,
     source_name,
     upgrade_source,
     validate_source,
 )
 
 SOURCES_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "oa-sources"
+GAPS_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "oa-sources-gaps"
 SOURCE_PATHS = sorted(SOURCES_DIR.rglob("*.json"))
 
 
@@ -132,13 +135,55 @@ def test_list_entries_names_unnamed_entries_default() -> None:
     assert list_entries({"schema": 2, "coverage": {"country": "us"}}) == []
 
 
-def test_list_entries_rejects_duplicate_names_in_one_layer() -> None:
-    source = real("us/mn/isanti")
-    source["layers"]["addresses"][1]["name"] = "address_points"
+def gap_source(name: str) -> dict[str, Any]:
+    path = GAPS_DIR / f"{name}.json"
+    return load_source(path.read_bytes(), path=f"sources/{name}.json")
+
+
+def test_duplicate_entry_names_are_told_apart_by_position() -> None:
+    # Upstream's schema accepts two `addresses` entries named `city`, with different data.
+    source = gap_source("us/oh/city_of_perrysburg")
+    assert list_entries(source) == [
+        EntryRef("addresses", "city[0]", 0),
+        EntryRef("addresses", "city[1]", 1),
+        EntryRef("buildings", "city", 0),
+        EntryRef("parcels", "city", 0),
+    ]
+    first = get_entry(source, "addresses", "city[0]")
+    second = get_entry(source, "addresses", "city[1]")
+    assert first["data"].endswith("/bm_addressPointsView/FeatureServer/0")
+    assert second["data"].endswith("/bm_addressPointsView/FeatureServer/1")
+    assert (first["name"], second["name"]) == ("city[0]", "city[1]")
+    # A name used once in its layer stays as the file gives it.
+    assert get_entry(source, "parcels", "city")["conform"]["pid"] == "parcel_no"
+    with pytest.raises(SourceError, match="has no entry 'city' in layer 'addresses'"):
+        get_entry(source, "addresses", "city")
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["a", "b"], ["a", "b"]),
+        (["a", "a", "b"], ["a[0]", "a[1]", "b"]),
+        (["b", "a", "c", "a", "a"], ["b", "a[1]", "c", "a[3]", "a[4]"]),
+        ([None, None], ["default[0]", "default[1]"]),
+        (["a[1]", "a"], ["a[1]", "a"]),  # looks made up, but is used once: kept
+    ],
+)
+def test_entry_names(names: list[str | None], expected: list[str]) -> None:
+    entries = [{"data": "https://x.invalid/a.csv"} if n is None else {"name": n} for n in names]
+    source = {"layers": {"addresses": entries}}
+    refs = list_entries(source)
+    assert [ref.name for ref in refs] == expected
+    assert [get_entry(source, "addresses", name)["name"] for name in expected] == expected
+
+
+def test_a_made_up_name_taken_by_another_entry_is_ambiguous() -> None:
+    source = {"layers": {"addresses": [{"name": "a"}, {"name": "a"}, {"name": "a[1]"}]}}
     with pytest.raises(SourceError) as info:
         list_entries(source)
     assert str(info.value) == (
-        "layers.addresses[1]: duplicate entry name 'address_points' (also layers.addresses[0])"
+        "layers.addresses[2]: entry name 'a[1]' is also the name given to layers.addresses[1]"
     )
     assert info.value.problem == "invalid_source"
 
@@ -477,3 +522,74 @@ def test_schema_errors_carry_the_specific_source_problem(
         validate_source(source, path="us/ks/lane_county.json")
     assert info.value.problem == problem
     assert ".".join(where) in str(info.value)
+
+
+def test_schema_problems_give_the_best_error_of_each_entry_and_top_level_key() -> None:
+    source = real("us/wi/marathon")
+    assert schema_problems(source) == []
+    source["layers"]["addresses"][0]["conform"]["format"] = "xlsx"
+    source["layers"]["addresses"][0]["conform"]["number"] = 12
+    source["layers"]["centerlines"][0]["protocol"] = "gopher"
+    del source["coverage"]
+    problems = {(p.where, p.problem) for p in schema_problems(source)}
+    # One per broken part: the entry with two errors gives its most relevant one.
+    assert len(problems) == 3
+    assert ("layers.centerlines[0].protocol", "unknown_protocol") in problems
+    assert ("", "invalid_source") in problems
+    (addresses,) = [p for p in problems if p[0].startswith("layers.addresses[0]")]
+    assert addresses[0] in (
+        "layers.addresses[0].conform.format", "layers.addresses[0].conform.number"
+    )
+
+
+def test_schema_problems_of_an_unsupported_version() -> None:
+    source = real("us/ks/lane_county")
+    source["schema"] = 3
+    (problem,) = schema_problems(source)
+    assert str(problem) == "schema: 3 is not a supported schema version (2)"
+
+
+@pytest.mark.parametrize(
+    "name", ["us/pa/philadelphia", "us/wi/fond_du_lac", "us/oh/city_of_perrysburg"]
+)
+def test_real_sources_that_showed_gaps_validate(name: str) -> None:
+    source = gap_source(name)
+    assert schema_problems(source) == []
+    assert list_entries(source)
+
+
+@pytest.mark.parametrize(
+    ("number", "where", "message"),
+    [
+        ({"function": "regexp", "field": "A"}, "", "'pattern' is a required property"),
+        ({"function": "regexp", "field": "A", "pattern": 3}, ".pattern",
+         "3 is not of type 'string'"),
+        ({"function": "join", "fields": "A"}, ".fields", "'A' is not of type 'array'"),
+        ({"function": "regexp", "field": "A", "pattern": "x", "extra": 1}, "",
+         "Additional properties are not allowed ('extra' was unexpected)"),
+        ({"function": "prefixed_number"}, "", "'field' is a required property"),
+        ({"function": "nope", "field": "A"}, "",
+         "unknown function 'nope'; known here: chain, constant, first_non_empty, format, get, "
+         "join, map, mph_to_kph, prefixed_number, regexp, remove_postfix, remove_prefix"),
+        ({"function": "chain", "variable": "v", "functions": [{"function": "nope"}]},
+         ".functions[0]",
+         "unknown function 'nope'; known here: first_non_empty, format, get, join, map, "
+         "postfixed_street, regexp, remove_postfix, remove_prefix"),
+        ({"function": "chain", "variable": "v", "functions": [
+            {"function": "regexp", "field": 3, "pattern": "x"}]}, ".functions[0].field",
+         "3 is not of type 'string'"),
+    ],
+)
+def test_a_bad_function_is_reported_by_the_branch_of_its_name(
+    number: dict[str, Any], where: str, message: str
+) -> None:
+    # Every function schema pins "function" to its name; the error of the function named is
+    # the one worth reading, not "'prefixed_number' was expected" from another branch.
+    source = real("us/tx/city_of_mckinney")
+    source["layers"]["addresses"][0]["conform"]["number"] = number
+    (problem,) = schema_problems(source)
+    assert (problem.where, problem.message) == (
+        "layers.addresses[0].conform.number" + where, message
+    )
+    with pytest.raises(SourceError, match=re.escape(message)):
+        validate_source(source, path="x")

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.worker import fidelity
+
 ROOT = Path(__file__).resolve().parents[2]
 OA_MACHINE = Path(sys.executable).parent / "oa-machine"
 ISANTI = ROOT / "tests" / "fixtures" / "oa-sources" / "us" / "mn" / "isanti.json"
@@ -158,3 +160,19 @@ def test_unknown_layer_or_name_exits_1_before_running(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "no_such_entry" in result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_every_fidelity_gap_of_the_real_sources_runs(tmp_path: Path) -> None:
+    # Duplicate entry names, X/Y from a shapefile without .prj, a chain variable read by its
+    # plain name and get on a list (tests/worker/fidelity.py).
+    data = tmp_path / "addresses.zip"
+    data.write_bytes(fidelity.shapefile_zip(tmp_path))
+    path = tmp_path / "sources" / "us" / "oh" / "city_of_perrysburg.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(fidelity.source(data.as_uri())))
+    outdir = tmp_path / "out"
+    result = process_one(path, outdir, "--name", "city[1]")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((outdir / "index.json").read_text())
+    fidelity.check_outputs((outdir / "out.csv").read_text(), index)
+    assert index["source"] == "us/oh/city_of_perrysburg"

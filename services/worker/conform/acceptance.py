@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -43,12 +44,14 @@ def _input_batch(inputs: Mapping[str, Any], needed: set[str]) -> pa.RecordBatch:
     )
 
 
-def _run_one(specs: Mapping[str, Any], needed: set[str], case: Mapping[str, Any]) -> dict[str, Any]:
+def _run_one(
+    specs: Mapping[str, Any], needed: set[str], case: Mapping[str, Any]
+) -> dict[str, tuple[str, str]]:
     """Attribute -> (expected, actual) for every expected attribute that came out different."""
     inputs = case.get("inputs") or {}
     batch = _input_batch(inputs, needed)
     values = Evaluator(specs, batch.schema.names).evaluate(batch)
-    mismatches: dict[str, Any] = {}
+    mismatches: dict[str, tuple[str, str]] = {}
     for attribute, wanted in (case.get("expected") or {}).items():
         key = attribute.casefold()
         actual = clean(key, values[key])[0].as_py() if key in values else None
@@ -58,28 +61,54 @@ def _run_one(specs: Mapping[str, Any], needed: set[str], case: Mapping[str, Any]
     return mismatches
 
 
-def run_acceptance_tests(entry: Mapping[str, Any]) -> list[str]:
-    """Failure descriptions of the entry's acceptance tests; empty when all pass or none run.
+@dataclass(frozen=True)
+class AcceptanceFailure:
+    """One acceptance test that came out different: attribute -> (expected, actual)."""
 
-    A conform that cannot compile raises ``RunError(..., "conform_failed")`` as the run would.
+    index: int  #: place in ``test.acceptance-tests`` (0-based, as in a JSON path)
+    description: str
+    mismatches: dict[str, tuple[str, str]]
+
+    def __str__(self) -> str:
+        details = "; ".join(
+            f"{attribute}: expected {json.dumps(expected, ensure_ascii=False)}, "
+            f"got {json.dumps(actual, ensure_ascii=False)}"
+            for attribute, (expected, actual) in self.mismatches.items()
+        )
+        return f"acceptance test {self.description!r} failed: {details}"
+
+
+@dataclass(frozen=True)
+class AcceptanceResults:
+    """How many acceptance tests of an entry ran, and which failed."""
+
+    run: int
+    failures: list[AcceptanceFailure]
+
+
+def check_acceptance_tests(entry: Mapping[str, Any]) -> AcceptanceResults:
+    """Run the entry's acceptance tests (none when there are none or ``enabled`` is false).
+
+    A conform that cannot compile raises :class:`~services.worker.errors.ConformError` as the
+    run would.
     """
     test = entry.get("test")
     if not isinstance(test, Mapping) or test.get("enabled", True) is False:
-        return []
+        return AcceptanceResults(0, [])
     cases = test.get("acceptance-tests") or []
     conform = entry.get("conform") or {}
     # lon/lat are geometry, which acceptance tests do not cover.
     specs = {k: v for k, v in attribute_specs(conform).items() if k not in ("lon", "lat")}
     needed = referenced_fields(specs)
-    failures: list[str] = []
-    for number, case in enumerate(cases, 1):
-        description = case.get("description") or f"test {number}"
+    failures: list[AcceptanceFailure] = []
+    for index, case in enumerate(cases):
+        description = case.get("description") or f"test {index + 1}"
         mismatches = _run_one(specs, needed, case)
         if mismatches:
-            details = "; ".join(
-                f"{attribute}: expected {json.dumps(expected, ensure_ascii=False)}, "
-                f"got {json.dumps(actual, ensure_ascii=False)}"
-                for attribute, (expected, actual) in mismatches.items()
-            )
-            failures.append(f"acceptance test {description!r} failed: {details}")
-    return failures
+            failures.append(AcceptanceFailure(index, description, mismatches))
+    return AcceptanceResults(len(cases), failures)
+
+
+def run_acceptance_tests(entry: Mapping[str, Any]) -> list[str]:
+    """Failure descriptions of the entry's acceptance tests; empty when all pass or none run."""
+    return [str(failure) for failure in check_acceptance_tests(entry).failures]

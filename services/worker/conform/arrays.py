@@ -1,13 +1,16 @@
-"""Facts about Arrow string arrays read straight off their buffers, without a kernel call.
+"""Arrow string arrays read and cut straight off their buffers, mostly without a kernel call.
 
 Checking a batch's lengths is far cheaper than a kernel pass, so the conform and writer skip
-work (a null-for-empty pass, the empty-skipping join) on batches where it would change nothing.
+work (a null-for-empty pass, the empty-skipping join) on batches where it would change nothing;
+and row-wise operations Arrow has no kernel for (every row its own prefix) are done with numpy
+over the UTF-8 bytes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def value_lengths(values: pa.Array) -> np.ndarray:
@@ -58,3 +61,69 @@ def ends_are_visible_ascii(values: pa.Array) -> bool:
     text = np.frombuffer(data, dtype=np.uint8)
     edges = np.concatenate([text[starts[nonempty]], text[ends[nonempty] - 1]])
     return bool(((edges - np.uint8(0x21)) < 0x5E).all())
+
+
+def as_text(values: pa.Array) -> pa.Array:
+    """Strings with nulls read as '' (the reference saw missing values as empty CSV cells)."""
+    if values.type != pa.string():
+        values = values.cast(pa.string())
+    return pc.fill_null(values, "") if values.null_count else values
+
+
+def utf8_bytes(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets as int64 rebased to this slice's rows, data bytes) of a null-free string array."""
+    buffers = values.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32)[
+        values.offset : values.offset + len(values) + 1
+    ].astype(np.int64)
+    data = (
+        np.frombuffer(buffers[2], dtype=np.uint8)
+        if buffers[2] is not None
+        else np.empty(0, dtype=np.uint8)
+    )
+    return offsets, data
+
+
+def is_ascii(values: pa.Array) -> bool:
+    """Whether a null-free string array holds only ASCII, by one numpy pass over its bytes."""
+    offsets, data = utf8_bytes(values)
+    text = data[int(offsets[0]) : int(offsets[-1])] if len(offsets) else data[:0]
+    return not len(text) or int(text.max()) < 0x80
+
+
+def affix_matches(values: pa.Array, affixes: pa.Array, at_end: bool) -> np.ndarray:
+    """Row-wise ``value.startswith(affix)`` (or endswith), compared as UTF-8 bytes.
+
+    Arrow's starts_with takes one pattern for the whole array; here every row has its own.
+    Byte comparison is exact because UTF-8 never lets one character's encoding end inside
+    another's.
+    """
+    value_offsets, value_data = utf8_bytes(values)
+    affix_offsets, affix_data = utf8_bytes(affixes)
+    value_lengths = np.diff(value_offsets)
+    affix_lengths = np.diff(affix_offsets)
+    fits = affix_lengths <= value_lengths
+    rows = np.nonzero(fits & (affix_lengths > 0))[0]
+    counts = affix_lengths[rows]
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    each_row = np.repeat(rows, counts)
+    value_starts = value_offsets[1:] - affix_lengths if at_end else value_offsets[:-1]
+    differs = (
+        value_data[value_starts[each_row] + within]
+        != affix_data[affix_offsets[:-1][each_row] + within]
+    )
+    mismatched = np.zeros(len(values), dtype=bool)
+    mismatched[each_row[differs]] = True
+    return np.asarray(fits & ~mismatched)
+
+
+def cut_bytes(values: pa.Array, head: np.ndarray, tail: np.ndarray) -> pa.Array:
+    """Drop ``head[i]`` bytes from the start and ``tail[i]`` from the end of row ``i``."""
+    offsets, data = utf8_bytes(values)
+    keep = np.diff(offsets) - head - tail
+    new_offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(keep, out=new_offsets[1:])
+    source = np.repeat(offsets[:-1] + head - new_offsets[:-1], keep) + np.arange(new_offsets[-1])
+    return pa.StringArray.from_buffers(
+        len(values), pa.py_buffer(new_offsets.astype(np.int32)), pa.py_buffer(data[source])
+    )

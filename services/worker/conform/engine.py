@@ -2,18 +2,26 @@
 
 Compiled once per run (field resolution, regexes, the transformer), then applied batch by
 batch, so the per-row work is Arrow's and NumPy's vectorised kernels.
+
+Older sources on geometry formats name their coordinates ``"lon": "X", "lat": "Y"``: the
+reference turned every feature into a CSV row with ``X`` and ``Y`` columns (the point, or a
+point inside a polygon or on a line, in the file's CRS) and conformed those like any field.
+Here a file with geometry offers the two as fields when it has no attribute of that name (a
+real attribute wins); ``lon``/``lat`` naming them take the geometry's point directly, and any
+other spec naming them reads the numbers as text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa
 import pyproj
 
 from services.worker.conform.cleaning import clean
+from services.worker.conform.fields import FieldResolver
 from services.worker.conform.functions import Evaluator
 from services.worker.conform.geometry import (
     lonlat_from_columns,
@@ -22,15 +30,19 @@ from services.worker.conform.geometry import (
     round_coordinates,
     source_crs,
     valid_coordinates,
+    xy_from_wkb,
 )
 from services.worker.conform.hashing import hash_rows
 from services.worker.conform.layers import LAYER_ATTRIBUTES
-from services.worker.errors import RunError
+from services.worker.errors import ConformError
 from shared.messages import Layer
 
 GEOMETRY = "__geometry__"
-#: Keys under which the conform's lon/lat specs are evaluated (not attributes of any layer).
-_LON, _LAT = "__lon__", "__lat__"
+#: Keys under which the conform's lon/lat specs are evaluated: no layer has attributes of
+#: these names, and an error in them names them as the conform does.
+_LON, _LAT = "lon", "lat"
+#: Fields a file with geometry offers from each feature's point (see the module docstring).
+COORDINATE_FIELDS: Final = ("X", "Y")
 
 
 class Conformer:
@@ -48,23 +60,31 @@ class Conformer:
         self.layer = layer
         self.attributes = LAYER_ATTRIBUTES[layer]
         specs: dict[str, Any] = {a: conform[a] for a in self.attributes if a in conform}
+        resolver = FieldResolver(fields)
+        #: Coordinate fields this file offers from its geometry (not shadowed by attributes).
+        derived = [n for n in COORDINATE_FIELDS if has_geometry and resolver.find(n) is None]
         # A source with lon/lat specs takes its coordinates from them even when the file has
         # geometry (some CSV-like OGR sources carry an empty geometry column).
         self.from_columns = "lon" in conform and "lat" in conform
         if layer == "addresses" and self.from_columns:
-            specs[_LON] = conform["lon"]
-            specs[_LAT] = conform["lat"]
+            if _names_fields(conform["lon"], conform["lat"], derived):
+                self.from_columns = False  # the geometry's own point, no detour through text
+            else:
+                specs[_LON] = conform["lon"]
+                specs[_LAT] = conform["lat"]
         elif not has_geometry:
-            raise RunError(
-                "the data has no geometry and the conform names no lon and lat fields",
-                "conform_failed",
-            )
-        self.evaluator = Evaluator(specs, list(fields))
+            message = "the data has no geometry and the conform names no lon and lat fields"
+            raise ConformError("", message, message=message)
+        self.evaluator = Evaluator(specs, [*fields, *derived])
+        #: Derived coordinate fields some spec reads as text, added to each batch.
+        self.derived_read = [n for n in derived if n in self.evaluator.columns]
         self.crs = source_crs(conform, file_crs)
         self.dropped_rows = 0
 
     def conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """One raw batch to one conformed batch (rows without usable geometry dropped)."""
+        if self.derived_read:
+            batch = self._with_coordinate_fields(batch)
         values = self.evaluator.evaluate(batch)
         size = batch.num_rows
         attributes = {
@@ -74,6 +94,15 @@ class Conformer:
         if self.layer == "addresses":
             return self._points(batch, values, attributes)
         return self._shapes(batch, attributes)
+
+    def _with_coordinate_fields(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        x, y = xy_from_wkb(batch.column(GEOMETRY))
+        for name, numbers in zip(COORDINATE_FIELDS, (x, y), strict=True):
+            if name in self.derived_read:
+                # Arrow prints the shortest text that reads back as the same double.
+                text = pa.array(numbers, pa.float64(), from_pandas=True).cast(pa.string())
+                batch = batch.append_column(name, text)
+        return batch
 
     def _points(
         self, batch: pa.RecordBatch, values: dict[str, pa.Array], attributes: dict[str, pa.Array]
@@ -112,3 +141,11 @@ class Conformer:
         self.dropped_rows += int((~keep).sum())
         mask = pa.array(keep)
         return {n: a.filter(mask) for n, a in attributes.items()}, lon[keep], lat[keep]
+
+
+def _names_fields(lon: Any, lat: Any, fields: Sequence[str]) -> bool:
+    """Whether ``lon`` and ``lat`` are exactly the derived X and Y fields (any case)."""
+    if not isinstance(lon, str) or not isinstance(lat, str):
+        return False
+    derived = FieldResolver(fields)
+    return derived.find(lon) == "X" and derived.find(lat) == "Y"

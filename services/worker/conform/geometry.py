@@ -19,7 +19,7 @@ import pyproj
 import shapely
 from shapely.errors import GEOSException
 
-from services.worker.errors import RunError
+from services.worker.errors import ConformError
 
 WGS84 = pyproj.CRS.from_epsg(4326)
 #: Output precision: 7 decimals of a degree is about 1 cm, as the reference rounds.
@@ -42,11 +42,15 @@ def source_crs(conform: Mapping[str, Any], file_crs: pyproj.CRS | None) -> pypro
         return file_crs if file_crs is not None else WGS84
     match = _SRS_PATTERN.match(str(srs))
     if match is None:
-        raise RunError(f"srs {srs!r} is not of the form EPSG:<code>", "conform_failed")
+        raise ConformError(
+            "srs", f"{srs!r} is not of the form EPSG:<code>",
+            message=f"srs {srs!r} is not of the form EPSG:<code>",
+        )
     try:
         return pyproj.CRS.from_epsg(int(match.group(1)))
     except pyproj.exceptions.CRSError as exc:
-        raise RunError(f"srs {srs!r} is not a known EPSG code: {exc}", "conform_failed") from exc
+        detail = f"{srs!r} is not a known EPSG code: {exc}"
+        raise ConformError("srs", detail, message=f"srs {detail}") from exc
 
 
 @functools.lru_cache(maxsize=64)
@@ -181,10 +185,15 @@ def _plain_points(wkb: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     return coordinates[:, 0].copy(), coordinates[:, 1].copy()
 
 
+def xy_from_wkb(wkb: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of each geometry's representative point in its own CRS (NaN: none)."""
+    plain = _plain_points(wkb)
+    return plain if plain is not None else representative_points(_geometries(wkb))
+
+
 def lonlat_from_wkb(wkb: pa.Array, crs: pyproj.CRS) -> tuple[np.ndarray, np.ndarray]:
     """Longitude and latitude in EPSG:4326 of each geometry's representative point."""
-    plain = _plain_points(wkb)
-    x, y = plain if plain is not None else representative_points(_geometries(wkb))
+    x, y = xy_from_wkb(wkb)
     return _to_wgs84(x, y, crs)
 
 

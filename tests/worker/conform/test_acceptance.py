@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
-from services.worker.conform.acceptance import run_acceptance_tests
+from services.worker.conform.acceptance import check_acceptance_tests, run_acceptance_tests
 from services.worker.errors import RunError
 
-SOURCES = Path("/work/shared/fixtures/oa-sources")
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+SOURCES = FIXTURES / "oa-sources"
+GAPS = FIXTURES / "oa-sources-gaps"
 
 
 def mckinney() -> dict[str, Any]:
@@ -45,6 +47,29 @@ def test_real_source_with_a_wrong_expectation_fails_with_description() -> None:
         "acceptance test 'address with BLDG numeric-only unit' failed: "
         'unit: expected "BLDG 2", got "BLDG 1"'
     ]
+
+
+def philadelphia() -> dict[str, Any]:
+    source = json.loads((GAPS / "us/pa/philadelphia.json").read_text())
+    return source["layers"]["addresses"][0]
+
+
+def test_philadelphia_passes_its_own_tests_reading_the_chain_variable_by_name() -> None:
+    # Its postcode chain's second step reads the variable `full_zip` by its plain name.
+    results = check_acceptance_tests(philadelphia())
+    assert results.failures == []
+    assert results.run == len(philadelphia()["test"]["acceptance-tests"]) == 11
+    zips = [c for c in philadelphia()["test"]["acceptance-tests"] if c["expected"].get("postcode")]
+    assert {c["expected"]["postcode"] for c in zips} == {"19143", "19143-2010"}
+
+
+def test_a_failure_says_which_test_it_was() -> None:
+    broken = philadelphia()
+    broken["test"]["acceptance-tests"][7]["expected"]["postcode"] = "19143-0000"
+    (failure,) = check_acceptance_tests(broken).failures
+    assert failure.index == 7
+    assert failure.mismatches == {"postcode": ("19143-0000", "19143-2010")}
+    assert str(failure).endswith('postcode: expected "19143-0000", got "19143-2010"')
 
 
 YOLO = {

@@ -14,7 +14,9 @@ from services.worker.conform.fields import FieldResolver
 from services.worker.conform.functions import Evaluator, attribute_specs, referenced_fields
 from services.worker.errors import RunError
 
-SOURCES = Path("/work/shared/fixtures/oa-sources")
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+SOURCES = FIXTURES / "oa-sources"
+GAPS = FIXTURES / "oa-sources-gaps"
 
 
 def batch_of(columns: dict[str, list[str | None]]) -> pa.RecordBatch:
@@ -26,8 +28,10 @@ def run(spec: Any, columns: dict[str, list[str | None]], attribute: str = "x") -
     return Evaluator({attribute: spec}, batch.schema.names).evaluate(batch)[attribute].to_pylist()
 
 
-def conform_of(path: str, layer: str = "addresses", index: int = 0) -> dict[str, Any]:
-    source = json.loads((SOURCES / path).read_text())
+def conform_of(
+    path: str, layer: str = "addresses", index: int = 0, folder: Path = SOURCES
+) -> dict[str, Any]:
+    source = json.loads((folder / path).read_text())
     return source["layers"][layer][index]["conform"]
 
 
@@ -607,6 +611,167 @@ def test_chain_variables_and_earlier_attributes_are_readable() -> None:
     out = Evaluator(specs, batch.schema.names).evaluate(batch)
     assert out["street"].to_pylist() == ["Main St", "Oak"]
     assert out["city"].to_pylist() == ["St", "Oak"]
+
+
+def chain(variable: str, *steps: Any) -> dict[str, Any]:
+    return {"function": "chain", "variable": variable, "functions": list(steps)}
+
+
+def join(*fields: str, separator: str = "-") -> dict[str, Any]:
+    return {"function": "join", "fields": list(fields), "separator": separator}
+
+
+PHILADELPHIA_ZIP = chain(
+    "full_zip",
+    {"function": "regexp", "field": "zip_code", "pattern": "^([0-9]{5})-?([0-9]{4}|)$",
+     "replace": "$1-$2"},
+    {"function": "regexp", "field": "full_zip", "pattern": "^(.*?)-?$"},
+)
+
+
+@pytest.mark.parametrize(
+    ("specs", "columns", "expected"),
+    [
+        pytest.param(  # us/pa/philadelphia: the second step reads the variable by name
+            {"postcode": PHILADELPHIA_ZIP},
+            {"zip_code": ["19143", "191432010", "19143-", "19143-2010", "", None]},
+            {"postcode": ["19143", "19143-2010", "19143", "19143-2010", None, None]},
+            id="plain name",
+        ),
+        pytest.param(  # the same chain reading oa:full_zip
+            {"postcode": chain("full_zip", PHILADELPHIA_ZIP["functions"][0],
+                               {**PHILADELPHIA_ZIP["functions"][1], "field": "OA:Full_Zip"})},
+            {"zip_code": ["191432010", "19143"]},
+            {"postcode": ["19143-2010", "19143"]},
+            id="oa: name",
+        ),
+        pytest.param(  # read in any case, both ways in one step
+            {"street": chain("Wip", join("a", "b"), join("wip", "oa:WIP", "WIP"))},
+            {"a": ["1"], "b": ["2"]},
+            {"street": ["1-2-1-2-1-2"]},
+            id="case",
+        ),
+        pytest.param(  # a real column of that name: read until the variable is set
+            {
+                "number": "full_zip",
+                "postcode": chain("full_zip", join("full_zip", "z"), join("full_zip", "z")),
+                "city": "full_zip",
+            },
+            {"full_zip": ["real"], "z": ["1"]},
+            {"number": ["real"], "postcode": ["real-1-1"], "city": ["real-1-1"]},
+            id="real column",
+        ),
+        pytest.param(  # read before it is written, without such a column: empty
+            {"street": chain("wip", join("wip", "a"), join("wip", "a"))},
+            {"a": ["x", None]},
+            {"street": ["x-x", None]},
+            id="read before written",
+        ),
+        pytest.param(  # later attributes read the variable by name as a field
+            {
+                "street": chain("wip", {"function": "postfixed_street", "field": "addr"},
+                                {"function": "remove_postfix", "field": "wip",
+                                 "field_to_remove": "unit"}),
+                "city": {"function": "regexp", "field": "WIP", "pattern": "^(\\w+)"},
+            },
+            {"addr": ["12 Main St Apt 4", "9 Oak Ave"], "unit": ["Apt 4", ""]},
+            {"street": ["Main St", "Oak Ave"], "city": ["Main", "Oak"]},
+            id="later attribute",
+        ),
+        pytest.param(  # the reference's nested chain test
+            {"number": chain("foo", {"function": "format", "fields": ["a1", "a2"],
+                                     "format": "$1-$2"},
+                             chain("bar", {"function": "format", "fields": ["foo", "a3"],
+                                           "format": "$1-$2"},
+                                   {"function": "remove_postfix", "field": "bar",
+                                    "field_to_remove": "b1"}))},
+            {"a1": ["12", "12"], "a2": ["34", None], "a3": ["56 UNIT 5"] * 2,
+             "b1": ["UNIT 5"] * 2},
+            {"number": ["12-34-56", "12-56"]},
+            id="nested",
+        ),
+        pytest.param(  # two chains of one variable: the second starts from the first's value
+            {"street": chain("v", join("a")), "city": chain("v", join("v", "a"))},
+            {"a": ["x"]},
+            {"street": ["x"], "city": ["x-x"]},
+            id="same variable twice",
+        ),
+    ],
+)
+def test_chain_variables(
+    specs: dict[str, Any], columns: dict[str, list[str | None]], expected: dict[str, list[Any]]
+) -> None:
+    batch = batch_of(columns)
+    out = Evaluator(specs, batch.schema.names).evaluate(batch)
+    assert {name: out[name].to_pylist() for name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "attribute", "columns", "expected"),
+    [
+        ("us/al/lee.json", "unit",
+         {"ADDR1": ["105 LEE ROAD 123 LOT 7", "12 MAIN ST"], "NUMBER": ["105", "12"],
+          "STREET": ["LEE ROAD 123", "MAIN ST"]},
+         ["LOT 7", None]),
+        ("us/ca/inyo.json", "street",
+         {"FULL_ADDR": ["150 N EDWARDS ST UNIT B", "9 MAIN ST"], "UNIT2": ["UNIT B", ""]},
+         ["N EDWARDS ST", "MAIN ST"]),
+        ("us/wi/fond_du_lac.json", "street",
+         {"PRI_NAME": ["STH 23", "USH 45", "CTH K", "MAIN"], "DIRECTION": ["N", "", None, "W"],
+          "TYPE": ["", "", "", "ST"]},
+         ["N State Highway 23", "US Highway 45", "County Highway K", "W MAIN ST"]),
+        ("us/wi/fond_du_lac.json", "city",
+         {"JURISDICTI": ["OA", "FD", "RI", "XX"]},
+         ["Oakfield", "Fond du Lac", "Ripon", "XX"]),
+        ("us/wi/juneau.json", "postcode",
+         {"ZIPCODE": ["NEKOOSA", "54457", "WISCONSIN DELLS"]},
+         ["54457", "54457", "53965"]),
+    ],
+)
+def test_real_chains_reading_their_variable_by_name(
+    path: str, attribute: str, columns: dict[str, list[str | None]], expected: list[str | None]
+) -> None:
+    conform = conform_of(path, folder=GAPS)
+    batch = batch_of(columns)
+    out = Evaluator({attribute: conform[attribute]}, batch.schema.names).evaluate(batch)
+    assert out[attribute].to_pylist() == expected
+
+
+def test_referenced_fields_leave_out_chain_variables_read_by_name() -> None:
+    conform = conform_of("us/pa/philadelphia.json", folder=GAPS)
+    assert "full_zip" not in referenced_fields(conform)
+    assert "zip_code" in referenced_fields(conform)
+    # Read before the chain writes it, the name may be a real column: it stays in.
+    assert referenced_fields({"street": chain("v", join("v", "a"))}) == {"v", "a"}
+    assert referenced_fields({"street": chain("v", "a", join("v", "b"))}) == {"a", "b"}
+
+
+# --- get -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("index", "values", "expected"),
+    [
+        # The reference's own test: Python's repr of a GDAL string list.
+        (1, ["['Polska', 'kujawsko-pomorskie','brodnicki', 'Bartnicza']"],
+         ["kujawsko-pomorskie"]),
+        (1, ['["Polska", "kujawsko-pomorskie"]', '["Polska","kujawsko-pomorskie"]'],
+         ["kujawsko-pomorskie"] * 2),
+        (1, ["['a',   'b']", "[ 'a' , 'b' ]", "a, b", "a,b"], ["b"] * 4),
+        (0, ["['a', 'b']", "plain text", "[]", "", None], ["a", "plain text", None, None, None]),
+        (2, ["['a', 'b']", "plain"], [None, None]),  # out of range: empty
+        (-1, ["['a', 'b', 'c']", "['a']", "[]"], ["c", "a", None]),
+        (1, ['["Smith, John", "x"]', "[\"O'Brien\", 'x']"], ["x", "x"]),
+        (0, ['["Smith, John", "x"]', "[\"O'Brien\", 'x']", '["a\\"b"]'],
+         ["Smith, John", "O'Brien", 'a"b']),
+        (1, ["[1, 2.5]", '["x", null]'], ["2.5", None]),
+        (1000, [str(list(range(1002)))], ["1000"]),
+    ],
+)
+def test_get_reads_one_item_of_a_list_written_as_text(
+    index: int, values: list[str | None], expected: list[str | None]
+) -> None:
+    assert run({"function": "get", "field": "f", "index": index}, {"f": values}) == expected
 
 
 # --- whole real conforms -------------------------------------------------------------------
