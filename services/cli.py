@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from shared.config import Settings
 
 SERVICES = ("webhook", "worker", "dequeuer", "scheduler")
@@ -33,6 +35,39 @@ def main(argv: list[str] | None = None) -> None:
         "--replay", action="store_true",
         help="send each dead message back to the exchange and route it died from, retry count "
              "cleared (after fixing what made its handler fail)",
+    )
+    enqueue = commands.add_parser(
+        "enqueue-sources",
+        help="make a batch set of every source entry now (as the weekly slot does)",
+        description="List sources/**/*.json at the head of SOURCES_REPOSITORY's default branch, "
+                    "read the files changed since they were last read, and make a set with one "
+                    "run per layer entry, which the dequeuer feeds to the workers. Prints the "
+                    "set's id and run count.",
+    )
+    enqueue.add_argument(
+        "--only", metavar="PATH_GLOB", default=None,
+        help="only files whose path matches this glob (fnmatch: '*' also matches '/'), e.g. "
+             "'sources/us/ca/*'",
+    )
+    enqueue.add_argument(
+        "--no-reuse", action="store_true",
+        help="run every entry in full, even one unchanged since a recent good run",
+    )
+    enqueue.add_argument(
+        "--wait", action="store_true",
+        help="wait until every run of the set has settled (a dequeuer must be running), then "
+             "print its counts as one JSON object on the last line",
+    )
+    clean = commands.add_parser(
+        "clean-up",
+        help="apply the retention rules now (as the weekly slot does)",
+        description="Delete the stored outputs of runs outside the retention rules (each "
+                    "entry's latest good run, its last RETENTION_RUNS runs and one run per "
+                    "month are kept), storage objects no run refers to, and delivery payloads "
+                    "and sent statuses older than RETENTION_DAYS. Prints what it did as JSON.",
+    )
+    clean.add_argument(
+        "--dry-run", action="store_true", help="say what would be deleted; delete nothing"
     )
     one = commands.add_parser("process-one", help="process one source entry into a folder")
     one.add_argument("source", help="path of the source JSON file")
@@ -95,6 +130,16 @@ def _dispatch(args: argparse.Namespace) -> None:
         start("up", lambda settings: run_service(up(settings)))
     elif args.command == "migrate":
         start("migrate", _migrate)
+    elif args.command == "enqueue-sources":
+        from services.scheduler.commands import enqueue_sources
+
+        start("enqueue-sources", lambda settings: asyncio_run(enqueue_sources(
+            settings, only=args.only, reuse=not args.no_reuse, wait=args.wait)))
+    elif args.command == "clean-up":
+        from services.scheduler.commands import clean_up_now
+
+        start("clean-up", lambda settings: asyncio_run(clean_up_now(
+            settings, dry_run=args.dry_run)))
     elif args.command == "dead-letters":
         start("dead-letters", lambda settings: _dead_letters(settings, replay=args.replay))
     else:
@@ -108,6 +153,21 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         start("process-one", run)
         sys.exit(code)
+
+
+def asyncio_run(work: Coroutine[Any, Any, object]) -> None:
+    """Run ``work`` to its end (imported late: see ``_migrate``); GitHub or storage refusing
+    is one line on stderr and exit 1, not a traceback."""
+    import asyncio
+
+    from shared.errors import StorageError
+    from shared.github import GitHubError
+
+    try:
+        asyncio.run(work)
+    except (GitHubError, StorageError) as exc:
+        print(f"oa-machine: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _check_sources(paths: list[str], *, as_json: bool, jobs: int | None) -> int:

@@ -1,16 +1,6 @@
 """RabbitMQ: topology, confirmed persistent publishing, and consuming with one ack policy.
 
-Topology (declared on the first connection, idempotently)::
-
-    exchange tasks ──task──────────────────────▶ queue tasks ┐
-    exchange done  ──done, heartbeat, returned─▶ queue done  ├─ x-dead-letter-exchange: dead
-    exchange due   ──due───────────────────────▶ queue due   ┘  x-dead-letter-routing-key: dead
-    exchange dead  ──dead──────────────────────▶ queue dead
-
-Every exchange is a durable direct exchange and every queue a durable *classic* queue: it
-works the same on the RabbitMQ 3.10 of the development host and on the latest 3.x of
-docker-compose's ``rabbitmq:3-management``. (Quorum queues would give ``x-delivery-count``,
-but they need three nodes to be worth it and change dead-lettering semantics.)
+The topology (exchanges, queues, priorities) is in :mod:`shared.topology`.
 
 Connecting
     :class:`Broker` connects in the background and keeps reconnecting for as long as it lives
@@ -81,7 +71,6 @@ from typing import Any, TypeVar
 import aio_pika
 import structlog
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -96,20 +85,6 @@ from shared import metrics
 from shared.errors import BrokerError, MessageError
 from shared.messages import (
     ANY_MESSAGE,
-    EXCHANGE_DEAD,
-    EXCHANGE_DONE,
-    EXCHANGE_DUE,
-    EXCHANGE_TASKS,
-    QUEUE_DEAD,
-    QUEUE_DONE,
-    QUEUE_DUE,
-    QUEUE_TASKS,
-    ROUTE_DEAD,
-    ROUTE_DONE,
-    ROUTE_DUE,
-    ROUTE_HEARTBEAT,
-    ROUTE_RETURNED,
-    ROUTE_TASK,
     Done,
     Due,
     Heartbeat,
@@ -118,6 +93,13 @@ from shared.messages import (
     Task,
 )
 from shared.outage import Backoff, is_outage
+from shared.topology import (
+    TOPOLOGY_EXCHANGES,
+    declare_topology,
+    queue_arguments,
+    retire_legacy_tasks_queue,
+    task_priority,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -135,20 +117,6 @@ RECONNECT_INTERVAL_S = 2.0
 PUBLISH_TIMEOUT_S = 10.0
 #: How long close() lets consumers finish unsubscribing before cancelling them.
 CLOSE_GRACE_S = 5.0
-
-_DEAD_LETTER_ARGS: dict[str, Any] = {
-    "x-dead-letter-exchange": EXCHANGE_DEAD,
-    "x-dead-letter-routing-key": ROUTE_DEAD,
-}
-
-#: queue -> (exchange, routing keys bound, dead-lettered?)
-TOPOLOGY: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    QUEUE_TASKS: (EXCHANGE_TASKS, (ROUTE_TASK,), True),
-    QUEUE_DONE: (EXCHANGE_DONE, (ROUTE_DONE, ROUTE_HEARTBEAT, ROUTE_RETURNED), True),
-    QUEUE_DUE: (EXCHANGE_DUE, (ROUTE_DUE,), True),
-    QUEUE_DEAD: (EXCHANGE_DEAD, (ROUTE_DEAD,), False),
-}
-
 
 class PublishError(BrokerError):
     """The broker did not accept a message: refused (nack), unroutable, or unreachable."""
@@ -208,6 +176,7 @@ class Broker:
         self._opened = asyncio.Event()
         self._closed = asyncio.Event()
         self._opener: asyncio.Task[None] | None = None
+        self._depth_channel: AbstractRobustChannel | None = None
         #: Tasks running consume() or feeds, so close() can let them unsubscribe cleanly first.
         self._consumers: set[asyncio.Task[Any]] = set()
         #: Things to close before the connection (the worker's feed), see :meth:`track`.
@@ -276,6 +245,7 @@ class Broker:
                     publisher_confirms=True, on_return_raises=True
                 )
                 self._exchanges = await declare_topology(channel)
+                await retire_legacy_tasks_queue(connection)
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     await connection.close()
@@ -308,12 +278,18 @@ class Broker:
             raise PublishError("broker unavailable: not connected yet")
         return self._connection
 
-    async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
+    async def publish(
+        self, exchange: str, routing_key: str, message: Message, *, priority: int | None = None
+    ) -> None:
         """Publish ``message`` persistently; returns once the broker has confirmed it.
 
-        Raises :class:`PublishError` if the broker refuses it, cannot route it, or is gone.
+        A task goes with its priority (:func:`shared.topology.task_priority`) unless
+        ``priority`` says otherwise. Raises :class:`PublishError` if the broker refuses it,
+        cannot route it, or is gone.
         """
         kind = str(getattr(message, "kind", type(message).__name__.lower()))
+        if priority is None and isinstance(message, Task):
+            priority = task_priority(message)
         amqp_message = aio_pika.Message(
             body=message.model_dump_json().encode(),
             content_type="application/json",
@@ -321,6 +297,7 @@ class Broker:
             message_id=uuid.uuid4().hex,
             type=kind,
             timestamp=message.sent_at,
+            priority=priority,
         )
         await self._publish_raw(exchange, routing_key, amqp_message)
         log.debug("broker.published", exchange=exchange, routing_key=routing_key, kind=kind)
@@ -449,12 +426,10 @@ class Broker:
         async def open_channel() -> tuple[AbstractRobustChannel, AbstractQueue]:
             channel = await self._require_connection().channel()
             await channel.set_qos(prefetch_count=prefetch)
-            _exchange, _routes, dead_lettered = TOPOLOGY[queue]
             # Declared, not only looked up: after a broker that lost its data comes back, the
             # robust channel re-declares it.
             amqp_queue = await channel.declare_queue(
-                queue, durable=True,
-                arguments=dict(_DEAD_LETTER_ARGS) if dead_lettered else None,
+                queue, durable=True, arguments=queue_arguments(queue)
             )
             return channel, amqp_queue
 
@@ -559,6 +534,7 @@ class Broker:
             message_id=message.message_id,
             type=message.type,
             timestamp=message.timestamp,
+            priority=message.priority,
         )
         try:
             # The default exchange routes by queue name: straight back to this queue.
@@ -603,15 +579,22 @@ class Broker:
     async def queue_depth(self, queue: str) -> tuple[int, int]:
         """``(messages ready, consumers)`` of ``queue``, by passive declaration."""
         await self._opened.wait()
-        # A channel of its own: a passive declare of a missing queue closes the channel.
-        channel = await self._require_connection().channel()
+        # One channel kept for these: the dequeuer asks after every settled batch. A passive
+        # declare of a missing queue closes it; it is opened again on the next call.
+        if self._depth_channel is None or self._depth_channel.is_closed:
+            self._depth_channel = await self._require_connection().channel()
         try:
-            declared = await channel.declare_queue(queue, passive=True)
-            result = declared.declaration_result
-            return int(result.message_count or 0), int(result.consumer_count or 0)
-        finally:
+            # robust=False: a robust channel answers a passive declare of a queue it declared
+            # before from its cache, with the counts of that time.
+            declared = await self._depth_channel.declare_queue(queue, passive=True,
+                                                               robust=False)
+        except Exception:
             with contextlib.suppress(Exception):
-                await channel.close()
+                await self._depth_channel.close()
+            self._depth_channel = None
+            raise
+        result = declared.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
 
     async def purge(self, queue: str) -> int:
         """Drop every ready message of ``queue`` (tests, operators); returns how many."""
@@ -645,28 +628,6 @@ class Broker:
                 await self._opener
         if self._connection is not None:
             await quietly(self._connection.close())
-
-
-#: Exchanges messages may be published to (the default exchange "" routes by queue name).
-TOPOLOGY_EXCHANGES = frozenset(exchange for exchange, _routes, _dl in TOPOLOGY.values())
-
-
-async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractExchange]:
-    """Declare every exchange, queue and binding of oa-machine; returns the exchanges."""
-    exchanges: dict[str, AbstractExchange] = {}
-    for queue_name, (exchange_name, routes, dead_lettered) in TOPOLOGY.items():
-        exchange = await channel.declare_exchange(
-            exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        exchanges[exchange_name] = exchange
-        queue = await channel.declare_queue(
-            queue_name,
-            durable=True,
-            arguments=dict(_DEAD_LETTER_ARGS) if dead_lettered else None,
-        )
-        for route in routes:
-            await queue.bind(exchange, route)
-    return exchanges
 
 
 T = TypeVar("T")

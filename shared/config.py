@@ -81,6 +81,29 @@ class Settings(BaseSettings):
     worker_offline_s: float = Field(default=1200.0, gt=0)
     worker_forget_s: float = Field(default=7 * 24 * 3600.0, gt=0)
 
+    #: The sources repository the batch sets read (``owner/name``).
+    sources_repository: str = Field(default="openaddresses/openaddresses",
+                                    pattern=r"^[\w.-]+/[\w.-]+$")
+    #: When the scheduler acts, as cron expressions in UTC, or ``off``: the batch set of every
+    #: source, the regional collections (a later issue; the slot exists), the clean-up.
+    schedule_batch: str = "0 12 * * 5"
+    schedule_collections: str = "0 3 */2 * *"
+    schedule_clean_up: str = "0 5 * * 0"
+    #: How often the leading scheduler looks for a due slot, in seconds.
+    schedule_poll_s: float = Field(default=30.0, gt=0)
+    #: A batch set reuses the outputs of an unchanged entry's good run at most this many days old.
+    batch_reuse_days: float = Field(default=10.0, ge=0)
+    #: The scheduler keeps the tasks queue under this many batch tasks; 0 means twice the number
+    #: of active workers, at least 10.
+    batch_queue_depth: int = Field(default=0, ge=0)
+    #: A run whose feature count (or count of numbers or streets) falls by this share or more
+    #: against the entry's last good run is marked with a warning.
+    regression_threshold: float = Field(default=0.10, gt=0, lt=1)
+    #: Clean-up: runs kept per entry besides its latest good one and one a month.
+    retention_runs: int = Field(default=5, ge=1)
+    #: Clean-up: deliveries and sent statuses older than this many days are removed.
+    retention_days: int = Field(default=30, ge=1)
+
     #: Port of the small HTTP server of the worker, dequeuer and scheduler (/metrics,
     #: /health/live, /health/ready); 0 picks a free port. The webhook serves them on HTTP_PORT.
     metrics_port: int = Field(default=9100, ge=0, le=65535)
@@ -112,6 +135,19 @@ class Settings(BaseSettings):
     def _check_storage_url(cls, value: str) -> str:
         if not value.startswith(("file://", "s3://")):
             raise ValueError("must be file:///some/dir or s3://bucket/prefix")
+        return value
+
+    @field_validator("schedule_batch", "schedule_collections", "schedule_clean_up")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        from croniter import croniter  # only settings that hold a schedule need it
+
+        value = value.strip()
+        if value.lower() == "off":
+            return "off"
+        if not croniter.is_valid(value):
+            raise ValueError("must be a cron expression (minute hour day month weekday, and "
+                             "optionally seconds) or off")
         return value
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from shared.errors import SourceError
 from shared.jobs import settle_job
 from shared.logging import get_logger
 from shared.messages import EXCHANGE_TASKS, ROUTE_TASK, PreviousRun, Task
+from shared.sets import settle_sets
 from shared.sources import entry_timeout_s, get_entry
 
 log = get_logger(__name__)
@@ -59,8 +60,11 @@ async def dispatch(
     public_base_url: str,
     job_id: int | None = None,
     limit: int = BATCH,
+    batch_room: int = BATCH,
 ) -> DispatchResult:
-    """Queue up to ``limit`` unqueued runs (only those of ``job_id`` when given)."""
+    """Queue up to ``limit`` unqueued runs of jobs (only those of ``job_id`` when given) and,
+    without ``job_id``, up to ``batch_room`` runs of batch sets (the room left in the queue,
+    which the caller works out: back-pressure)."""
     if not broker.ready:
         # Nothing would be published; leave the runs unqueued at once instead of waiting for
         # the broker on every one of them (GitHub gives up on a webhook after 10 s).
@@ -69,20 +73,28 @@ async def dispatch(
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
             """
-            UPDATE runs SET queued_at = now(), unseen_since = NULL
-            WHERE id IN (
+            WITH of_jobs AS (
                 SELECT id FROM runs
                 WHERE status IS NULL AND queued_at IS NULL
                   AND (retry_at IS NULL OR retry_at <= now())
-                  AND ($1::bigint IS NULL OR job_id = $1)
-                ORDER BY (job_id IS NULL), id
-                LIMIT $2
+                  AND job_id IS NOT NULL AND ($1::bigint IS NULL OR job_id = $1)
+                ORDER BY id LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            ), of_sets AS (
+                -- In the order they were made: a set's longest entries first.
+                SELECT id FROM runs
+                WHERE status IS NULL AND queued_at IS NULL
+                  AND (retry_at IS NULL OR retry_at <= now())
+                  AND job_id IS NULL AND $1::bigint IS NULL
+                ORDER BY id LIMIT $3
                 FOR UPDATE SKIP LOCKED
             )
+            UPDATE runs SET queued_at = now(), unseen_since = NULL
+            WHERE id IN (SELECT id FROM of_jobs UNION ALL SELECT id FROM of_sets)
             RETURNING id, job_id, set_id, source_path, layer, entry_name, commit_sha, source,
-                      attempt, reuse
+                      attempt, reuse, reuse_since
             """,
-            job_id, limit,
+            job_id, limit, 0 if job_id is not None else max(batch_room, 0),
         )
     rows = sorted(rows, key=lambda row: (row["job_id"] is None, row["id"]))
     ready: list[tuple[asyncpg.Record, Task]] = []
@@ -94,6 +106,10 @@ async def dispatch(
     for row in rows:
         try:
             previous = earlier.get((row["source_path"], row["layer"], row["entry_name"]))
+            if previous is not None and row["reuse_since"] is not None and (
+                previous["finished_at"] < row["reuse_since"]
+            ):
+                previous = None  # too old for this batch set to reuse
             ready.append((row, _task_for(row, run_timeout_s, previous)))
         except SourceError as exc:
             await _fail(pool, row, exc, public_base_url)
@@ -158,34 +174,38 @@ async def _fail(
     pool: asyncpg.Pool, row: asyncpg.Record, exc: SourceError, public_base_url: str
 ) -> None:
     async with pool.acquire() as conn, conn.transaction():
-        settled = await conn.fetchval(
+        settled = await conn.fetchrow(
             """
             UPDATE runs SET status = 'failure', source_problem = $2, error = $3,
                    finished_at = now(), queued_at = NULL
-            WHERE id = $1 AND status IS NULL RETURNING job_id
+            WHERE id = $1 AND status IS NULL RETURNING job_id, set_id
             """,
             row["id"], exc.problem, str(exc),
         )
-        if settled is not None:
-            await settle_job(conn, settled, public_base_url)
+        if settled is not None and settled["job_id"] is not None:
+            await settle_job(conn, settled["job_id"], public_base_url)
+        if settled is not None and settled["set_id"] is not None:
+            await settle_sets(conn, [settled["set_id"]])
     log.error("run.failed", run_id=row["id"], problem=exc.problem, error=str(exc))
 
 
 async def latest_successes(
     pool: asyncpg.Pool, keys: list[tuple[str, str, str]]
 ) -> dict[tuple[str, str, str], asyncpg.Record]:
-    """The latest successful run of each ``(source path, layer, entry name)``, in one query."""
+    """The latest good run (successful, without a regression warning, outputs kept) of each
+    ``(source path, layer, entry name)``, in one query."""
     if not keys:
         return {}
     rows = await pool.fetch(
         """
         SELECT DISTINCT ON (r.source_path, r.layer, r.entry_name)
                r.id, r.source_path, r.layer, r.entry_name, r.source, r.outputs, r.state,
-               r.fingerprint, r.etag, r.last_modified
+               r.fingerprint, r.etag, r.last_modified, r.finished_at
         FROM runs AS r
         JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(path, layer, name)
           ON r.source_path = k.path AND r.layer = k.layer AND r.entry_name = k.name
-        WHERE r.status = 'success'
+        -- A run that warned of a regression is not the entry's good data: the one before is.
+        WHERE r.status = 'success' AND r.warning IS NULL AND r.purged_at IS NULL
         ORDER BY r.source_path, r.layer, r.entry_name, r.finished_at DESC
         """,
         [key[0] for key in keys], [key[1] for key in keys], [key[2] for key in keys],

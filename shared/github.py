@@ -156,6 +156,49 @@ class GitHub:
         files = [ChangedFile.of(item) for item in body.get("files") or [] if isinstance(item, dict)]
         return Comparison(merge_base, files)
 
+    async def default_branch_head(self, repo: str) -> tuple[str, str]:
+        """``(default branch, its head commit)`` of ``repo``."""
+        body, _links = await self._request("GET", f"{self._api_url}/repos/{repo}")
+        branch = body.get("default_branch") if isinstance(body, dict) else None
+        if not isinstance(branch, str) or not branch:
+            raise GitHubError(f"GET repos/{repo}: no default branch in the answer")
+        body, _links = await self._request(
+            "GET", f"{self._api_url}/repos/{repo}/branches/{quote(branch, safe='')}"
+        )
+        sha = ((body or {}).get("commit") or {}).get("sha") if isinstance(body, dict) else None
+        if not isinstance(sha, str) or not is_sha(sha):
+            raise GitHubError(f"GET repos/{repo}/branches/{branch}: no commit in the answer")
+        return branch, sha
+
+    async def tree(self, repo: str, sha: str) -> list[TreeFile]:
+        """Every file (blob) of the commit ``sha``, with one recursive trees call."""
+        check_sha(sha)
+        body, _links = await self._request(
+            "GET", f"{self._api_url}/repos/{repo}/git/trees/{sha}", params={"recursive": "1"}
+        )
+        if not isinstance(body, dict) or not isinstance(body.get("tree"), list):
+            raise GitHubError(f"GET repos/{repo}/git/trees/{sha}: not a tree")
+        if body.get("truncated"):
+            # GitHub cuts recursive trees past 100,000 entries or 7 MB: a partial list would
+            # silently leave sources out of the set.
+            raise GitHubError(f"GET repos/{repo}/git/trees/{sha}: the tree was truncated")
+        return [TreeFile(str(item["path"]), str(item["sha"])) for item in body["tree"]
+                if isinstance(item, dict) and item.get("type") == "blob"
+                and isinstance(item.get("path"), str) and isinstance(item.get("sha"), str)]
+
+    async def blob(self, repo: str, sha: str) -> bytes:
+        """The content of the blob ``sha``."""
+        check_sha(sha)
+        body, _links = await self._request("GET", f"{self._api_url}/repos/{repo}/git/blobs/{sha}")
+        if not isinstance(body, dict) or not isinstance(body.get("content"), str):
+            raise GitHubError(f"GET repos/{repo}/git/blobs/{sha}: no content")
+        if body.get("encoding", "base64") != "base64":
+            return str(body["content"]).encode()
+        try:
+            return base64.b64decode(body["content"], validate=False)
+        except binascii.Error as exc:
+            raise GitHubError(f"blob {sha} of {repo}: undecodable content") from exc
+
     async def create_status(
         self,
         repo: str,
@@ -289,6 +332,14 @@ class ChangedFile:
         previous = item.get("previous_filename")
         return cls(str(item.get("filename", "")), str(item.get("status", "modified")),
                    previous if isinstance(previous, str) else None)
+
+
+@dataclass(frozen=True)
+class TreeFile:
+    """A file of a commit's tree: its path and its blob's SHA."""
+
+    path: str
+    sha: str
 
 
 @dataclass(frozen=True)

@@ -106,16 +106,21 @@ def describe_pending(paths: Sequence[str]) -> str:
 
 
 def describe_outcome(
-    succeeded: int, skipped: int, failures: Sequence[tuple[str, str | None]]
+    succeeded: int, skipped: int, failures: Sequence[tuple[str, str | None]],
+    warned: Sequence[str] = (),
 ) -> str:
-    """``success`` or ``failure``: the counts, and the failed sources with their problems."""
-    if not failures:
-        if skipped:
-            return f"{succeeded} succeeded, {skipped} skipped"
-        return f"All {succeeded} run{'s' if succeeded != 1 else ''} succeeded"
-    named = [f"{source_name(path)} ({problem or 'failed'})" for path, problem in failures]
-    counts = f"; {succeeded} succeeded" if succeeded else ""
-    return _names_within("Failed: ", named, counts)
+    """``success`` or ``failure``: the counts, the failed sources with their problems, and the
+    sources whose counts fell (regression warnings)."""
+    if failures:
+        named = [f"{source_name(path)} ({problem or 'failed'})" for path, problem in failures]
+        counts = f"; {succeeded} succeeded" if succeeded else ""
+        return _names_within("Failed: ", named, counts)
+    if warned:
+        return _names_within(f"{succeeded} succeeded; fewer features than before: ",
+                             sorted({source_name(path) for path in warned}))
+    if skipped:
+        return f"{succeeded} succeeded, {skipped} skipped"
+    return f"All {succeeded} run{'s' if succeeded != 1 else ''} succeeded"
 
 
 async def settle_job(
@@ -164,24 +169,27 @@ async def settle_jobs(
     if not done:
         return []
     failures: dict[int, list[tuple[str, str | None]]] = {}
-    failed_jobs = [row["job_id"] for row in done if row["failed"]]
-    if failed_jobs:
-        for failure in await conn.fetch(
-            """
-            SELECT job_id, source_path, source_problem FROM runs
-            WHERE job_id = ANY($1::bigint[]) AND status = 'failure'
-            ORDER BY job_id, source_path, id
-            """,
-            failed_jobs,
-        ):
-            failures.setdefault(failure["job_id"], []).append(
-                (failure["source_path"], failure["source_problem"]))
+    warned: dict[int, list[str]] = {}
+    for item in await conn.fetch(
+        """
+        SELECT job_id, source_path, source_problem, status FROM runs
+        WHERE job_id = ANY($1::bigint[]) AND (status = 'failure' OR warning IS NOT NULL)
+        ORDER BY job_id, source_path, id
+        """,
+        [row["job_id"] for row in done],
+    ):
+        if item["status"] == "failure":
+            failures.setdefault(item["job_id"], []).append(
+                (item["source_path"], item["source_problem"]))
+        else:
+            warned.setdefault(item["job_id"], []).append(item["source_path"])
     decided: dict[int, tuple[StatusState, str]] = {}
     for row in done:
         state: StatusState = "failure" if row["failed"] else "success"
         decided[row["job_id"]] = (
             state, describe_outcome(row["succeeded"], row["skipped"],
-                                    failures.get(row["job_id"], [])),
+                                    failures.get(row["job_id"], []),
+                                    warned.get(row["job_id"], [])),
         )
     finished = await conn.fetch(
         """

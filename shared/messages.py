@@ -20,7 +20,10 @@ EXCHANGE_DONE = "done"
 EXCHANGE_DUE = "due"
 EXCHANGE_DEAD = "dead"
 
-QUEUE_TASKS = "tasks"
+#: A priority queue (shared/topology.py); its name differs from the earlier versions' plain
+#: queue, LEGACY_QUEUE_TASKS, since a queue's arguments cannot change once declared.
+QUEUE_TASKS = "tasks.priority"
+LEGACY_QUEUE_TASKS = "tasks"
 QUEUE_DONE = "done"
 QUEUE_DUE = "due"
 QUEUE_DEAD = "dead"

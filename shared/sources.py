@@ -24,6 +24,7 @@ front of the contributor who wrote the file.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import heapq
 import json
@@ -112,6 +113,15 @@ class SchemaProblem:
 
     def __str__(self) -> str:
         return f"{self.where or '(top level)'}: {self.message}"
+
+
+#: Where source files live in the sources repository: ``sources/**/*.json``.
+SOURCE_PATTERN = "sources/*.json"
+
+
+def is_source_path(path: str) -> bool:
+    """``sources/**/*.json`` (fnmatch's ``*`` crosses folders, which is what we want)."""
+    return fnmatch.fnmatchcase(path, SOURCE_PATTERN)
 
 
 def parse_source(data: bytes | str, *, path: str = "<source>") -> dict[str, Any]:

@@ -27,10 +27,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from shared.broker import TOPOLOGY, Broker
+from shared.broker import Broker
 from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.storage import LocalStorage, S3Storage
+from shared.topology import TOPOLOGY
 
 # Servers of a test module's own, for the tests that stop, kill and restart them (fault tests).
 from tests.support.fault_fixtures import (  # noqa: F401  (fixtures, used by name)

@@ -6,18 +6,29 @@ and keeps the commit statuses and issue comments posted to it. A test can script
 status requests (:meth:`GitHubStandIn.answer_statuses`: say 500 three times, then 422), make
 the next requests fail (:meth:`GitHubStandIn.fail_next`) or hit a rate limit
 (:meth:`GitHubStandIn.limit_rate`). `oa-machine up` uses it in demo mode, and the end-to-end
-tests use it as GitHub. It is a real HTTP server on 127.0.0.1.
+tests use it as GitHub. It is a real HTTP server on 127.0.0.1. ``GET /_stand-in/received``
+lists the statuses and comments it holds (the webhook's ``/demo/github`` shows them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+#: Read-only: what the stand-in received, for the webhook's /demo/github page (the stand-in
+#: runs in the `oa-machine up` process, the webhook in another).
+RECEIVED_PATH = "/_stand-in/received"
+
+
+def git_blob_sha(content: bytes) -> str:
+    """The SHA git gives a file's content (``blob <size>\\0`` + content, SHA-1)."""
+    return hashlib.sha1(b"blob %d\0" % len(content) + content, usedforsecurity=False).hexdigest()
 
 
 @dataclass
@@ -83,6 +94,12 @@ class GitHubStandIn:
     _limited_until: float = 0.0
     #: Every answer waits this long first (a slow GitHub).
     delay_s: float = 0.0
+    #: repo -> (default branch, head commit, {path: content}) served as a git tree and blobs.
+    trees: dict[str, tuple[str, str, dict[str, bytes]]] = field(default_factory=dict)
+    #: Blob SHA -> content of every file ever served in a tree.
+    _blobs: dict[str, bytes] = field(default_factory=dict)
+    #: How many blobs were asked for (a set must not read an unchanged file again).
+    blob_reads: int = 0
     _scripts: list[_Script] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     url: str = ""
@@ -110,6 +127,13 @@ class GitHubStandIn:
     ) -> None:
         self.comparisons[(repo, base, head)] = (merge_base, files)
 
+    def set_tree(self, repo: str, branch: str, head: str, files: dict[str, bytes]) -> None:
+        """Serve ``files`` as the tree of ``head``, the head of ``branch``, the default branch;
+        blob SHAs are git's own (so an unchanged file keeps its SHA)."""
+        self.trees[repo] = (branch, head, dict(files))
+        for content in files.values():
+            self._blobs[git_blob_sha(content)] = content
+
     def fail_next(self, count: int) -> None:
         """Answer the next ``count`` requests (of any kind) with 500."""
         self._failing = count
@@ -130,10 +154,15 @@ class GitHubStandIn:
         app.router.add_post("/repos/{owner}/{name}/statuses/{sha}", self._status)
         app.router.add_get("/repos/{owner}/{name}/pulls/{number:\\d+}/files", self._pull_files)
         app.router.add_get("/repos/{owner}/{name}/compare/{spec}", self._compare)
+        app.router.add_get("/repos/{owner}/{name}", self._repository)
+        app.router.add_get("/repos/{owner}/{name}/branches/{branch}", self._branch)
+        app.router.add_get("/repos/{owner}/{name}/git/trees/{sha}", self._tree)
+        app.router.add_get("/repos/{owner}/{name}/git/blobs/{sha}", self._blob)
         app.router.add_post("/repos/{owner}/{name}/issues/{number:\\d+}/comments",
                             self._create_comment)
         app.router.add_patch("/repos/{owner}/{name}/issues/comments/{id:\\d+}",
                              self._update_comment)
+        app.router.add_get(RECEIVED_PATH, self._received)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -152,6 +181,9 @@ class GitHubStandIn:
 
     @web.middleware
     async def _trouble(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == RECEIVED_PATH:  # ours, not GitHub's: never scripted or counted
+            own: web.StreamResponse = await handler(request)
+            return own
         self.requests.append((request.method, request.path))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
@@ -180,6 +212,40 @@ class GitHubStandIn:
             next_url = request.url.with_query({"per_page": str(per_page), "page": str(page + 1)})
             headers["Link"] = f'<{next_url}>; rel="next"'
         return web.json_response(chunk, headers=headers)
+
+    def _tree_of(self, request: web.Request) -> tuple[str, str, dict[str, bytes]] | None:
+        return self.trees.get(f"{request.match_info['owner']}/{request.match_info['name']}")
+
+    async def _repository(self, request: web.Request) -> web.Response:
+        tree = self._tree_of(request)
+        if tree is None:
+            return web.json_response({"message": "Not Found"}, status=404)
+        return web.json_response({"default_branch": tree[0]})
+
+    async def _branch(self, request: web.Request) -> web.Response:
+        tree = self._tree_of(request)
+        if tree is None or request.match_info["branch"] != tree[0]:
+            return web.json_response({"message": "Branch not found"}, status=404)
+        return web.json_response({"name": tree[0], "commit": {"sha": tree[1]}})
+
+    async def _tree(self, request: web.Request) -> web.Response:
+        tree = self._tree_of(request)
+        if tree is None or request.match_info["sha"] != tree[1]:
+            return web.json_response({"message": "Not Found"}, status=404)
+        items = [{"path": path, "type": "blob", "sha": git_blob_sha(content), "mode": "100644"}
+                 for path, content in sorted(tree[2].items())]
+        return web.json_response({"sha": tree[1], "tree": items, "truncated": False})
+
+    async def _blob(self, request: web.Request) -> web.Response:
+        wanted = request.match_info["sha"]
+        content = self._blobs.get(wanted) if self._tree_of(request) is not None else None
+        if content is None:
+            return web.json_response({"message": "Not Found"}, status=404)
+        self.blob_reads += 1
+        return web.json_response({
+            "sha": wanted, "encoding": "base64", "size": len(content),
+            "content": base64.encodebytes(content).decode(),
+        })
 
     async def _compare(self, request: web.Request) -> web.Response:
         repo = f"{request.match_info['owner']}/{request.match_info['name']}"
@@ -243,6 +309,14 @@ class GitHubStandIn:
             context=body.get("context", "default"),
         ))
         return web.json_response({"id": len(self.statuses), "state": body["state"]}, status=201)
+
+    async def _received(self, request: web.Request) -> web.Response:
+        """What GitHub would show: the statuses accepted and the comments as they are now."""
+        return web.json_response({
+            "statuses": [asdict(status) for status in self.statuses],
+            "comments": [{"id": comment_id, "repo": repo, "number": number, "body": body}
+                         for comment_id, (repo, number, body) in self.comments.items()],
+        })
 
     def _scripted(self, sha: str, state: str | None) -> Answer | None:
         for script in self._scripts:

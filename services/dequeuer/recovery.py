@@ -31,6 +31,7 @@ from shared import metrics
 from shared.config import Settings
 from shared.jobs import settle_job
 from shared.logging import get_logger
+from shared.sets import settle_sets
 
 log = get_logger(__name__)
 
@@ -46,6 +47,7 @@ class Rules:
     run_max_attempts: int = 3
     run_retry_delay_s: float = 3600.0
     run_retry_max: int = 3
+    regression_threshold: float = 0.10
 
     @classmethod
     def of(cls, settings: Settings) -> Rules:
@@ -53,6 +55,7 @@ class Rules:
             public_base_url=settings.public_base_url, run_lease_s=settings.run_lease_s,
             run_max_attempts=settings.run_max_attempts,
             run_retry_delay_s=settings.run_retry_delay_s, run_retry_max=settings.run_retry_max,
+            regression_threshold=settings.regression_threshold,
         )
 
 
@@ -77,7 +80,7 @@ async def release(
                queued_at = NULL, lease_until = NULL, deadline_at = NULL, started_at = NULL,
                unseen_since = NULL, error = $3
         WHERE id = $1 AND status IS NULL AND attempt = $2
-        RETURNING job_id, lost_attempts, attempt
+        RETURNING job_id, set_id, lost_attempts, attempt
         """,
         run_id, attempt, f"attempt {attempt}: {detail}",
     )
@@ -104,6 +107,8 @@ async def release(
     metrics.RUNS_SETTLED.labels("failure", "worker_lost").inc()
     if row["job_id"] is not None:
         await settle_job(conn, row["job_id"], rules.public_base_url)
+    if row["set_id"] is not None:
+        await settle_sets(conn, [row["set_id"]])
     return "failed"
 
 

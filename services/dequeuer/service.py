@@ -89,8 +89,8 @@ class Dequeuer:
                 self._wake.set()  # queue it again (or send the job's status) now
         elif isinstance(message, Done):
             outcome = await self.batcher.settle(message)
-            if outcome.job_finished:
-                self._wake.set()
+            if outcome.job_finished or outcome.set_run:
+                self._wake.set()  # a status to send, or room for another batch task
         else:  # the broker only passes accepted kinds
             raise MessageError(f"unexpected {type(message).__name__} on the done queue")
 
@@ -130,9 +130,27 @@ class Dequeuer:
             result = await dispatch(
                 self.pool, self.broker, run_timeout_s=self.settings.run_timeout_s,
                 public_base_url=self.settings.public_base_url, limit=BATCH,
+                batch_room=min(await self.batch_room(), BATCH),
             )
             if result.queued + result.failed < BATCH or result.left:
                 break
+
+    async def batch_room(self) -> int:
+        """How many more batch tasks the queue may take now (back-pressure).
+
+        The queue is kept under ``BATCH_QUEUE_DEPTH`` tasks, or by default twice the active
+        workers (at least 10), so that a set of thousands of runs is fed as runs settle, the
+        workers scale up steadily, and a pull request's task never waits behind thousands.
+        """
+        depth = self.settings.batch_queue_depth
+        if depth == 0:
+            active = await self.pool.fetchval(
+                "SELECT count(*) FROM workers WHERE last_seen_at > now() - $1::interval",
+                timedelta(seconds=self.settings.worker_inactive_s),
+            )
+            depth = max(2 * int(active), 10)
+        ready, _consumers = await self.broker.queue_depth(QUEUE_TASKS)
+        return max(depth - ready, 0)
 
     async def _recover(self) -> None:
         if not self.recovery_allowed():

@@ -14,10 +14,12 @@ from datetime import timedelta
 import asyncpg
 
 from services.dequeuer.recovery import Rules, release
+from services.dequeuer.regressions import mark_regressions
 from shared import metrics
 from shared.jobs import settle_job, settle_jobs
 from shared.logging import get_logger
 from shared.messages import Done, Due, Heartbeat, Returned
+from shared.sets import settle_sets
 
 log = get_logger(__name__)
 
@@ -31,6 +33,8 @@ class Outcome:
 
     action: str
     job_finished: bool = False
+    #: A run of a batch set settled: there is room in the queue for another.
+    set_run: bool = False
 
     def __bool__(self) -> bool:
         return self.action != "ignored"
@@ -59,40 +63,12 @@ async def settle_done(pool: asyncpg.Pool, done: Done, rules: Rules) -> Outcome:
                             retries=retry["retries"], retry_at=retry["retry_at"].isoformat(),
                             error=done.error)
                 return Outcome("retry")
-        row = await conn.fetchrow(
-            """
-            UPDATE runs SET status = $3, source_problem = $4,
-                   error = CASE WHEN retries > 0 AND $3 = 'failure'
-                                THEN $5 || ' (the whole run was tried ' || (retries + 1)
-                                     || ' times)'
-                                ELSE $5 END,
-                   outputs = $6, state = $7, worker = $8,
-                   started_at = coalesce(started_at, $9, $10), finished_at = $10,
-                   lease_until = NULL, retry_at = NULL, unseen_since = NULL,
-                   fingerprint = $7::jsonb ->> 'fingerprint', etag = $7::jsonb ->> 'etag',
-                   last_modified = $7::jsonb ->> 'last modified'
-            WHERE id = $1 AND status IS NULL AND attempt = $2
-            RETURNING job_id, started_at, finished_at
-            """,
-            done.run_id, done.attempt, done.status, done.source_problem, done.error,
-            done.outputs, done.state, done.worker, done.started_at, done.finished_at,
-        )
-        if row is None:
-            await _explain_ignored(conn, done.run_id, done.attempt, "done", done.status)
-            return Outcome("ignored")
-        log.info("run.finished", run_id=done.run_id, job_id=row["job_id"], status=done.status,
-                 problem=done.source_problem, attempt=done.attempt)
-        job_finished = False
-        if row["job_id"] is not None:
-            job_finished = await settle_job(conn, row["job_id"], rules.public_base_url) is not None
-    metrics.RUNS_SETTLED.labels(done.status, done.source_problem or "").inc()
-    elapsed = (row["finished_at"] - row["started_at"]).total_seconds()
-    metrics.RUN_DURATION.labels(done.status).observe(max(elapsed, 0.0))
-    return Outcome("settled", job_finished)
+    # Anything that is not a retry is settled as a batch of one: one place for that logic.
+    return (await settle_done_batch(pool, [done], rules, retried=True))[0]
 
 
 async def settle_done_batch(
-    pool: asyncpg.Pool, dones: list[Done], rules: Rules
+    pool: asyncpg.Pool, dones: list[Done], rules: Rules, *, retried: bool = False
 ) -> list[Outcome]:
     """:func:`settle_done` for many results in one transaction; one outcome per message.
 
@@ -105,7 +81,7 @@ async def settle_done_batch(
     final: list[tuple[int, Done]] = []
     seen: set[tuple[int, int]] = set()
     for index, done in enumerate(dones):
-        if done.status == "failure" and done.retryable:
+        if done.status == "failure" and done.retryable and not retried:
             outcomes[index] = await settle_done(pool, done, rules)
         elif (done.run_id, done.attempt) in seen:
             log.info("run.duplicate_done", run_id=done.run_id, attempt=done.attempt,
@@ -138,7 +114,8 @@ async def settle_done_batch(
                      AS i(run_id, attempt, status, problem, error, outputs, state, worker,
                           started_at, finished_at)
                 WHERE r.id = i.run_id AND r.status IS NULL AND r.attempt = i.attempt
-                RETURNING r.id, r.attempt, r.job_id, r.started_at, r.finished_at
+                RETURNING r.id, r.attempt, r.job_id, r.set_id, r.started_at, r.finished_at,
+                          r.status, r.source_path, r.layer, r.entry_name, r.state
                 """,
                 [d.run_id for d in batch], [d.attempt for d in batch],
                 [d.status for d in batch], [d.source_problem for d in batch],
@@ -147,9 +124,14 @@ async def settle_done_batch(
                 [d.finished_at for d in batch],
             )
             settled = {(row["id"], row["attempt"]): row for row in rows}
+            # Before the jobs settle, so that their statuses can name the warnings.
+            warnings = await mark_regressions(
+                conn, [row for row in rows if row["status"] == "success"],
+                rules.regression_threshold)
             touched = [row["job_id"] for row in rows if row["job_id"] is not None]
             finished_jobs = {outcome.job_id for outcome in
                              await settle_jobs(conn, touched, rules.public_base_url)}
+            await settle_sets(conn, [row["set_id"] for row in rows if row["set_id"] is not None])
             for _index, done in final:
                 if (done.run_id, done.attempt) not in settled:
                     await _explain_ignored(conn, done.run_id, done.attempt, "done", done.status)
@@ -158,12 +140,15 @@ async def settle_done_batch(
             if row is None:
                 outcomes[index] = Outcome("ignored")
                 continue
+            warning = warnings.get(row["id"])
             log.info("run.finished", run_id=done.run_id, job_id=row["job_id"],
-                     status=done.status, problem=done.source_problem, attempt=done.attempt)
+                     set_id=row["set_id"], status=done.status, problem=done.source_problem,
+                     attempt=done.attempt, **({"warning": warning} if warning else {}))
             metrics.RUNS_SETTLED.labels(done.status, done.source_problem or "").inc()
             elapsed = (row["finished_at"] - row["started_at"]).total_seconds()
             metrics.RUN_DURATION.labels(done.status).observe(max(elapsed, 0.0))
-            outcomes[index] = Outcome("settled", row["job_id"] in finished_jobs)
+            outcomes[index] = Outcome("settled", row["job_id"] in finished_jobs,
+                                      set_run=row["set_id"] is not None)
     return [outcomes[index] for index in range(len(dones))]
 
 
@@ -190,7 +175,7 @@ async def settle_due(pool: asyncpg.Pool, due: Due, public_base_url: str) -> bool
                    lease_until = NULL,
                    error = 'no result from the worker before the deadline ' || deadline_at::text
             WHERE id = $1 AND status IS NULL AND attempt = $2 AND deadline_at <= now()
-            RETURNING job_id
+            RETURNING job_id, set_id
             """,
             due.run_id, due.attempt,
         )
@@ -199,6 +184,8 @@ async def settle_due(pool: asyncpg.Pool, due: Due, public_base_url: str) -> bool
         log.warning("run.timed_out", run_id=due.run_id, job_id=row["job_id"])
         if row["job_id"] is not None:
             await settle_job(conn, row["job_id"], public_base_url)
+        if row["set_id"] is not None:
+            await settle_sets(conn, [row["set_id"]])
     metrics.RUNS_SETTLED.labels("failure", "timeout").inc()
     return True
 

@@ -14,9 +14,10 @@ from datetime import timedelta
 import asyncpg
 
 from shared import metrics
-from shared.broker import TOPOLOGY, Broker
+from shared.broker import Broker
 from shared.config import Settings
 from shared.logging import get_logger
+from shared.topology import TOPOLOGY
 
 log = get_logger(__name__)
 

@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.webhook.events import ZERO_SHA, PullRequestEvent, PushEvent, is_source_path
+from services.webhook.events import ZERO_SHA, PullRequestEvent, PushEvent
 from shared.errors import GitHubError, SourceError
 from shared.github import ChangedFile, GitHub
-from shared.sources import EntryRef, get_entry, list_entries, load_source
+from shared.sources import EntryRef, get_entry, is_source_path, list_entries, load_source
 
 #: Files read from GitHub at once for one delivery.
 FETCH_CONCURRENCY = 8

@@ -6,15 +6,14 @@ field on GitHub's side never breaks intake, while a missing field we need gives 
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.github import SHA_PATTERN
+from shared.sources import is_source_path
 
 ZERO_SHA: Final = "0" * 40
-SOURCE_PATTERN: Final = "sources/*.json"
 
 
 class _Lenient(BaseModel):
@@ -82,9 +81,6 @@ class PushEvent(_Lenient):
         return sorted(present)
 
 
-def is_source_path(path: str) -> bool:
-    """``sources/**/*.json`` (fnmatch's ``*`` crosses folders, which is what we want)."""
-    return fnmatch.fnmatchcase(path, SOURCE_PATTERN)
 
 
 #: Pull-request actions that make a job: new commits to check.

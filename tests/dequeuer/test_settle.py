@@ -72,7 +72,7 @@ async def test_duplicate_done_changes_nothing(db_pool: asyncpg.Pool) -> None:
     # The same message again, and a contradicting one: both change nothing.
     assert (await settle_done(db_pool, done(run_id, "success"), RULES)).action == "ignored"
     assert (await settle_done(
-        db_pool, done(run_id, "failure", source_problem="conform_failed", error="late"), BASE
+        db_pool, done(run_id, "failure", source_problem="conform_failed", error="late"), RULES
     )).action == "ignored"
     assert dict(await db_pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)) == before
     assert await db_pool.fetchval("SELECT count(*) FROM statuses") == statuses_before == 1

@@ -38,6 +38,7 @@ from shared.messages import (
     Message,
     Task,
 )
+from shared.topology import PRIORITY_JOB
 
 WAIT_S = 10.0
 
@@ -217,11 +218,14 @@ async def test_consumer_and_publisher_survive_a_connection_loss(
 
 async def test_bad_messages_are_dead_lettered(broker: Broker, raw_channel: AbstractChannel) -> None:
     exchange = await raw_channel.get_exchange(EXCHANGE_TASKS)
-    await exchange.publish(aio_pika.Message(b"{not json"), ROUTE_TASK)
-    await exchange.publish(aio_pika.Message(b'{"kind": "task", "run_id": "x"}'), ROUTE_TASK)
+    # The tasks queue delivers by priority: these go with a job task's, in the order sent.
+    await exchange.publish(aio_pika.Message(b"{not json", priority=PRIORITY_JOB), ROUTE_TASK)
+    await exchange.publish(aio_pika.Message(b'{"kind": "task", "run_id": "x"}',
+                                            priority=PRIORITY_JOB), ROUTE_TASK)
     # A valid message of the wrong kind for this queue.
     done = make_done()
-    await exchange.publish(aio_pika.Message(done.model_dump_json().encode()), ROUTE_TASK)
+    await exchange.publish(aio_pika.Message(done.model_dump_json().encode(),
+                                            priority=PRIORITY_JOB), ROUTE_TASK)
     handled: asyncio.Queue[Task] = asyncio.Queue()
     async with consuming(broker, QUEUE_TASKS, handled.put, accept=(Task,)):
         await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(42))
@@ -392,7 +396,7 @@ async def test_feed_dead_letters_what_is_not_a_task(
     broker: Broker, raw_channel: AbstractChannel
 ) -> None:
     exchange = await raw_channel.get_exchange(EXCHANGE_TASKS)
-    await exchange.publish(aio_pika.Message(b"{not json"), ROUTE_TASK)
+    await exchange.publish(aio_pika.Message(b"{not json", priority=PRIORITY_JOB), ROUTE_TASK)
     await broker.publish(EXCHANGE_TASKS, ROUTE_TASK, make_task(41))
 
     async def before_ack(task: Task) -> None:

@@ -14,7 +14,15 @@ from aio_pika.abc import AbstractChannel
 import shared.broker
 from shared.broker import RETRIES_HEADER, Broker
 from shared.dead_letters import replay, summarise
-from shared.messages import EXCHANGE_DONE, EXCHANGE_TASKS, QUEUE_DONE, ROUTE_DONE, ROUTE_TASK, Done
+from shared.messages import (
+    EXCHANGE_DONE,
+    EXCHANGE_TASKS,
+    QUEUE_DONE,
+    QUEUE_TASKS,
+    ROUTE_DONE,
+    ROUTE_TASK,
+    Done,
+)
 
 
 async def _dead_letter_a_done_after_its_retries(broker: Broker) -> None:
@@ -76,16 +84,16 @@ async def test_the_command_counts_and_replays(broker: Broker, amqp_url: str) -> 
                               env=env, capture_output=True, text=True, timeout=60,
                               check=True).stdout
 
-    assert "1  task from tasks" in await asyncio.to_thread(command)
+    assert "1  task from tasks.priority" in await asyncio.to_thread(command)
     assert "replayed 1 message(s)" in await asyncio.to_thread(command, "--replay")
-    assert (await broker.queue_depth("tasks"))[0] == 1
+    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 1
 
 
 async def _get_invalid(broker: Broker) -> Exception | None:
     from shared.errors import MessageError
 
     try:
-        await broker.get("tasks")
+        await broker.get(QUEUE_TASKS)
     except MessageError as exc:
         return exc
     return None

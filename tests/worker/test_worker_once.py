@@ -12,7 +12,7 @@ import pytest
 
 from shared.broker import Broker
 from shared.config import Settings
-from shared.messages import EXCHANGE_TASKS, QUEUE_DONE, ROUTE_TASK, Done, Task
+from shared.messages import EXCHANGE_TASKS, QUEUE_DONE, QUEUE_TASKS, ROUTE_TASK, Done, Task
 from tests.support.dataserver import DataServer
 from tests.worker import fidelity
 
@@ -52,8 +52,8 @@ async def test_worker_once_processes_one_task_and_exits(
     done = [m for m in messages if isinstance(m, Done)]
     assert [(d.run_id, d.status) for d in done] == [(1, "success")]
     # The second task is still waiting for the next pod; drop it so no later test inherits it.
-    assert (await broker.queue_depth("tasks"))[0] == 1
-    await broker.purge("tasks")
+    assert (await broker.queue_depth(QUEUE_TASKS))[0] == 1
+    await broker.purge(QUEUE_TASKS)
 
 
 async def test_worker_service_runs_every_fidelity_gap(
