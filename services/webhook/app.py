@@ -1,13 +1,12 @@
-"""The webhook service's aiohttp application: GitHub deliveries in, pages and JSON out."""
+"""The webhook service's aiohttp application: GitHub deliveries in; the results site (pages,
+files, the JSON API) out."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import jinja2
 from aiohttp import web
 
 from services.webhook import routes
@@ -20,9 +19,12 @@ from services.webhook.keys import (
     POOL,
     PROCESSOR,
     SETTINGS,
+    SITE_CACHE,
     STORAGE,
     TEMPLATES,
 )
+from services.webhook.views.cache import SiteCache
+from services.webhook.views.render import environment
 from shared.broker import Broker
 from shared.config import Settings
 from shared.db import create_pool
@@ -38,11 +40,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[BODY_BUDGET] = ByteBudget(routes.BODY_BUDGET_BYTES)
-    app[TEMPLATES] = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
+    app[TEMPLATES] = environment()
+    app[SITE_CACHE] = SiteCache()
     app.cleanup_ctx.extend([_database, _broker, _github, _storage, _deliveries])
     routes.add_routes(app)
 

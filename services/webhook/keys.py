@@ -8,6 +8,7 @@ from aiohttp import web
 
 from services.webhook.budget import ByteBudget
 from services.webhook.deliveries import DeliveryProcessor
+from services.webhook.views.cache import SiteCache
 from shared.broker import Broker
 from shared.config import Settings
 from shared.github import GitHub
@@ -23,3 +24,5 @@ TEMPLATES = web.AppKey("templates", jinja2.Environment)
 BODY_BUDGET = web.AppKey("body_budget", ByteBudget)
 #: Makes stored deliveries into jobs, in the background.
 PROCESSOR = web.AppKey("processor", DeliveryProcessor)
+#: What the site keeps between requests (finished sets' tallies, state.txt).
+SITE_CACHE = web.AppKey("site_cache", SiteCache)

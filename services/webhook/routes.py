@@ -8,7 +8,8 @@ became of it), 503 while PostgreSQL is down (nothing is stored; the delivery can
 redelivered). A body is read only once the request carries a signature header, and at most
 :data:`BODY_BUDGET_BYTES` of unverified bodies are read at once (the others wait their turn, or
 get a 503 after :data:`BODY_WAIT_S`; ``budget.py``), so a flood of unsigned 25 MB posts cannot
-exhaust the service's memory. Pages and the JSON API read the database only.
+exhaust the service's memory. The site's pages, files and JSON API are in ``views/``
+(``views/site.py`` lists them); they read the database and storage only.
 
 ``/metrics``, ``/health/live`` and ``/health/ready`` are the probes every service has
 (:mod:`shared.probes`); ``/health`` is the readiness probe under its older name.
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import mimetypes
 import time
-from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -29,10 +28,11 @@ from aiohttp import web
 
 from services.webhook.deliveries import delivery_url, store_delivery
 from services.webhook.events import IssueCommentEvent, PullRequestEvent, PushEvent
-from services.webhook.keys import BODY_BUDGET, POOL, PROCESSOR, SETTINGS, STORAGE, TEMPLATES
+from services.webhook.keys import BODY_BUDGET, POOL, PROCESSOR, SETTINGS
 from services.webhook.signature import SignatureCheck
+from services.webhook.views.render import error_page
+from services.webhook.views.site import add_site_routes
 from shared import metrics
-from shared.errors import NotFound
 from shared.jobs import job_url
 from shared.logging import get_logger
 from shared.outage import is_outage
@@ -50,14 +50,12 @@ _CHUNK_BYTES = 64 * 1024
 
 
 def add_routes(app: web.Application) -> None:
-    """Register every route of the service."""
+    """Register every route of the service: the hook and its deliveries here, the site's
+    pages, files and API in ``views/``."""
     app.router.add_post("/hook", hook)
     app.router.add_get("/health", health)
-    app.router.add_get("/api/workers", workers_json)
     app.router.add_get("/api/deliveries/{delivery_id}", delivery_json)
-    app.router.add_get("/jobs/{job_id:\\d+}", job_page)
-    app.router.add_get("/api/jobs/{job_id:\\d+}", job_json)
-    app.router.add_get("/runs/{run_id:\\d+}/{name}", run_file)
+    add_site_routes(app)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -67,43 +65,6 @@ async def health(request: web.Request) -> web.Response:
     except Exception as exc:  # any failure means "not ready"; the reason goes in the answer
         return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
     return web.json_response({"status": "ok"})
-
-
-async def workers_json(request: web.Request) -> web.Response:
-    """Every known worker with its state (active, inactive, offline) and what it runs."""
-    settings = request.app[SETTINGS]
-    rows = await request.app[POOL].fetch(
-        """
-        SELECT w.name, w.hostname, w.pid, w.state, w.run_id, w.started_at, w.last_seen_at,
-               CASE WHEN w.last_seen_at < now() - $2::interval THEN 'offline'
-                    WHEN w.last_seen_at < now() - $1::interval THEN 'inactive'
-                    ELSE 'active' END AS status,
-               extract(epoch FROM now() - w.last_seen_at) AS seen_s_ago,
-               r.source_path, r.layer, r.entry_name, r.attempt, r.status AS run_status
-        FROM workers w LEFT JOIN runs r ON r.id = w.run_id
-        ORDER BY w.last_seen_at DESC
-        """,
-        timedelta(seconds=settings.worker_inactive_s),
-        timedelta(seconds=settings.worker_offline_s),
-    )
-    workers = []
-    for row in rows:
-        item = dict(row)
-        item["seen_s_ago"] = round(float(item["seen_s_ago"]), 1)
-        # A worker's last report may name a run that has ended since: say so, not "running".
-        if item["run_id"] is not None and item["run_status"] is not None:
-            item["run_finished"] = True
-        workers.append(item)
-    counts = {status: 0 for status in ("active", "inactive", "offline")}
-    for item in workers:
-        counts[item["status"]] += 1
-    return web.json_response({
-        "counts": counts,
-        "rules": {"inactive_after_s": settings.worker_inactive_s,
-                  "offline_after_s": settings.worker_offline_s,
-                  "forgotten_after_s": settings.worker_forget_s},
-        "workers": workers,
-    }, dumps=_dumps)
 
 
 async def hook(request: web.Request) -> web.Response:
@@ -252,64 +213,12 @@ async def delivery_json(request: web.Request) -> web.Response:
     return web.json_response(answer, dumps=_dumps)
 
 
-async def _load_job(request: web.Request) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    job_id = int(request.match_info["job_id"])
-    pool = request.app[POOL]
-    job = await pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
-    if job is None:
-        raise web.HTTPNotFound(text=f"no job {job_id}")
-    runs = await pool.fetch(
-        """
-        SELECT id, source_path, layer, entry_name, status, source_problem, error, attempt,
-               worker, created_at, started_at, finished_at, outputs, state
-        FROM runs WHERE job_id = $1 ORDER BY id
-        """,
-        job_id,
-    )
-    return dict(job), [dict(run) for run in runs]
-
-
-async def job_page(request: web.Request) -> web.Response:
-    """A job and its runs, for people."""
-    job, runs = await _load_job(request)
-    template = request.app[TEMPLATES].get_template("job.html")
-    html = template.render(job=job, runs=runs)
-    return web.Response(text=html, content_type="text/html")
-
-
-async def job_json(request: web.Request) -> web.Response:
-    """A job and its runs, for programs."""
-    job, runs = await _load_job(request)
-    return web.json_response({"job": job, "runs": runs}, dumps=_dumps)
-
-
-async def run_file(request: web.Request) -> web.StreamResponse:
-    """One output file of a run, streamed from storage."""
-    run_id = int(request.match_info["run_id"])
-    name = request.match_info["name"]
-    outputs = await request.app[POOL].fetchval("SELECT outputs FROM runs WHERE id = $1", run_id)
-    if not outputs or name not in outputs:
-        raise web.HTTPNotFound(text=f"run {run_id} has no output {name!r}")
-    storage = request.app[STORAGE]
-    response = web.StreamResponse()
-    response.content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    try:
-        chunks = storage.stream(outputs[name])
-        first = await anext(chunks, b"")
-    except NotFound as exc:
-        raise web.HTTPNotFound(text=f"run {run_id}: {name} is missing from storage") from exc
-    await response.prepare(request)
-    await response.write(first)
-    async for chunk in chunks:
-        await response.write(chunk)
-    await response.write_eof()
-    return response
-
-
 @web.middleware
 async def error_pages(request: web.Request, handler: Any) -> web.StreamResponse:
     """Unexpected errors become a 500 with a short reason and a log event, never a traceback;
-    PostgreSQL or RabbitMQ being down becomes a 503 (try again later)."""
+    PostgreSQL or RabbitMQ being down becomes a 503 (try again later). A 400 or 404 (an unknown
+    id, path or parameter) is a page of the site for people and ``{"error": ...}`` for programs
+    (the API, the hook, the probes)."""
     started = time.perf_counter()
     status = 500
     try:
@@ -318,22 +227,38 @@ async def error_pages(request: web.Request, handler: Any) -> web.StreamResponse:
         return response
     except web.HTTPException as exc:
         status = exc.status
-        raise
+        if status not in (400, 404):
+            raise
+        unmatched = request.match_info.route.resource is None
+        message = f"There is no page at {request.path}." if unmatched else (exc.text or "")
+        return _error(request, status, message)
     except Exception as exc:
         if is_outage(exc):
             status = 503
             log.warning("http.unavailable", path=request.path, error=repr(exc))
-            return web.json_response(
-                {"error": "a service we depend on is unavailable; try again later"},
-                status=503, headers={"Retry-After": "30"},
-            )
+            return _error(request, 503, "a service we depend on is unavailable; try again later",
+                          headers={"Retry-After": "30"})
         log.exception("http.error", path=request.path)
-        return web.json_response({"error": "internal error"}, status=500)
+        return _error(request, 500, "internal error")
     finally:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         metrics.HTTP_LATENCY.labels(route, request.method, str(status)).observe(
             time.perf_counter() - started)
+
+
+#: Paths whose errors are JSON whatever asks.
+_PROGRAM_PATHS = ("/api/", "/hook", "/health", "/metrics", "/index.json", "/state.txt")
+
+
+def _error(request: web.Request, status: int, message: str,
+           headers: dict[str, str] | None = None) -> web.Response:
+    if request.method == "GET" and not request.path.startswith(_PROGRAM_PATHS):
+        try:
+            return error_page(request, status, message)
+        except Exception:  # a page that cannot render must still answer
+            log.exception("http.error_page_failed", path=request.path)
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 def _dumps(value: Any) -> str:

@@ -50,7 +50,7 @@ async def test_job_page_shows_runs_in_a_browser(
     assert f"<h1>Job {job_id}</h1>" in dom
     assert 'id="job-status">failure<' in dom
     assert "sources/us/ks/lane.json" in dom and "sources/us/ks/gone.json" in dom
-    assert "1234" in dom
+    assert "1,234" in dom  # features with thousands separators
     assert "download_failed" in dom
     # Error text from a provider is shown as text, never run as markup.
     assert "&lt;script&gt;x&lt;/script&gt;" in dom and "<script>x</script>" not in dom
