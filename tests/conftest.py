@@ -40,9 +40,13 @@ from tests.support.fault_fixtures import (  # noqa: F401  (fixtures, used by nam
     own_rabbitmq,
     service_processes,
 )
+from tests.support.prerequisites import missing, needs_of
 
 POSTGRES_SERVER_URL = os.environ.get("OA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 AMQP_SERVER_URL = os.environ.get("OA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
+#: pytest's exit status when the machine lacks something the collected tests need (pytest's own
+#: statuses are 0 to 5).
+MISSING_PREREQUISITE = 6
 
 
 def _port_open(url: str, default_port: int) -> bool:
@@ -60,6 +64,22 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- What the machine must have ----------------------------------------------------------------
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Before the first test: one line per missing prerequisite of the collected tests."""
+    if session.config.option.collectonly or not session.items:
+        return
+    needs = needs_of(
+        (getattr(item, "fixturenames", ()), getattr(item, "module", None))
+        for item in session.items
+    )
+    lines = missing(needs, postgres_url=POSTGRES_SERVER_URL, amqp_url=AMQP_SERVER_URL)
+    if lines:
+        pytest.exit("\n".join(lines), returncode=MISSING_PREREQUISITE)
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------
