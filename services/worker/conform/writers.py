@@ -340,6 +340,15 @@ def _use_isal(member: IO[bytes]) -> None:
         )
 
 
+def _member(name: str, stamp: tuple[int, int, int, int, int, int]) -> zipfile.ZipInfo:
+    """A deflated member dated ``stamp`` (UTC: a zip's dates carry no zone)."""
+    info = zipfile.ZipInfo(name, date_time=stamp)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info._compresslevel = _ZIP_COMPRESSLEVEL  # type: ignore[attr-defined]  # what writestr sets
+    info.external_attr = 0o644 << 16  # rw-r--r--: readable by everyone once unzipped
+    return info
+
+
 class _ProcessedZip:
     """processed.zip, its CSV member written as the CSV is produced (never read back)."""
 
@@ -352,11 +361,16 @@ class _ProcessedZip:
         self._archive = zipfile.ZipFile(
             path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_ZIP_COMPRESSLEVEL
         )
+        # Every member is dated when the run wrote it: zipfile would date a member opened for
+        # streaming 1980-01-01 (and the others in local time).
+        stamp = dt.datetime.now(dt.UTC).timetuple()[:6]
         readme = readme_text(source_name, layer, (csv_member, vrt_member), attribution)
-        self._archive.writestr("README.txt", readme)
-        self._archive.writestr(vrt_member, vrt_text(csv_member))
+        self._archive.writestr(_member("README.txt", stamp), readme)
+        self._archive.writestr(_member(vrt_member, stamp), vrt_text(csv_member))
         # force_zip64: the size is unknown up front and may pass 4 GiB.
-        self.csv_stream: IO[bytes] = self._archive.open(csv_member, "w", force_zip64=True)
+        self.csv_stream: IO[bytes] = self._archive.open(
+            _member(csv_member, stamp), "w", force_zip64=True
+        )
         _use_isal(self.csv_stream)
 
     def close(self) -> None:

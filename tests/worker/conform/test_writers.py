@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import zipfile
@@ -230,6 +231,22 @@ def test_zip_members_readme_and_csv_copy(tmp_path: Path, tricky_batch: pa.Record
     assert "us/ks/lane_county" in readme
     assert "https://lane.example" in readme
     assert "CC-BY 4.0" in readme
+
+
+def test_zip_members_are_dated_when_the_run_wrote_them(
+    tmp_path: Path, tricky_batch: pa.RecordBatch
+) -> None:
+    # Zip dates have a two-second resolution and no zone; ours are UTC.
+    before = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0) - dt.timedelta(seconds=2)
+    summary = write_addresses(tmp_path, [tricky_batch])
+    after = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    with zipfile.ZipFile(summary.files["processed.zip"]) as archive:
+        members = archive.infolist()
+    assert len(members) == 3
+    for member in members:
+        assert before <= dt.datetime(*member.date_time) <= after, member
+        assert member.compress_type == zipfile.ZIP_DEFLATED
+        assert member.external_attr >> 16 == 0o644
 
 
 def test_zip_of_many_batches_is_deflated_and_reads_back_with_zlib(tmp_path: Path) -> None:
