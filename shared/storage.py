@@ -9,6 +9,11 @@ Both backends write atomically as seen by readers: :class:`LocalStorage` writes 
 file next to the target and renames it; S3 makes an object visible only once fully uploaded.
 :meth:`Storage.delete` of a missing key is not an error (S3 semantics).
 
+Big objects made on the fly (the regional collections) go through :meth:`Storage.open_upload`:
+written front to back, uploaded in parts as they fill (S3 multipart upload; a temporary file
+renamed at the end on a local directory), visible only once complete. Ranged reads
+(:meth:`Storage.stream_range`) take one member out of a stored zip without fetching the rest.
+
 Library errors are translated at the boundary: a missing key raises
 :class:`shared.errors.NotFound`, anything else :class:`shared.errors.StorageError`.
 """
@@ -41,6 +46,11 @@ CHUNK_BYTES = 1024 * 1024
 MULTIPART_THRESHOLD_BYTES = 100 * 1024 * 1024
 #: 64 MiB parts allow files of up to 640 GB within S3's 10 000-part limit.
 MULTIPART_PART_BYTES = 64 * 1024 * 1024
+#: Parts of an upload written as it goes (:meth:`Storage.open_upload`): two are in memory at
+#: once (one being sent, one filling), and 10 000 of them allow 160 GB.
+UPLOAD_PART_BYTES = 16 * 1024 * 1024
+#: S3 refuses smaller parts, but for the last.
+S3_MIN_PART_BYTES = 5 * 1024 * 1024
 _TMP_PREFIX = ".oa-tmp-"
 #: S3 error codes that mean "try again later" whatever the HTTP status.
 _TRANSIENT_S3_CODES = frozenset({
@@ -105,8 +115,56 @@ class Storage(ABC):
     async def list_keys(self, prefix: str) -> list[str]:
         """Every key starting with ``prefix`` (a string prefix, as in S3), sorted."""
 
+    @abstractmethod
+    async def size_of(self, key: str) -> int:
+        """The object's size in bytes; :class:`NotFound` if missing."""
+
+    @abstractmethod
+    def stream_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        """``length`` bytes from ``offset`` in chunks (fewer if the object ends first), e.g.
+        one member of a zip; :class:`NotFound` on the first iteration if the key is missing."""
+
+    async def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer if the object ends first), in memory: for
+        small reads such as a zip's central directory."""
+        return b"".join([chunk async for chunk in self.stream_range(key, offset, length)])
+
+    @abstractmethod
+    def open_upload(self, key: str, *, content_type: str | None = None) -> Upload:
+        """A writer that stores what is written to it under ``key`` as it is written, never
+        holding more than a part in memory (S3: a multipart upload). Use it as an async
+        context manager: leaving it normally makes the object visible, an exception leaves
+        nothing behind."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Release connections."""
+
+
+class Upload(ABC):
+    """An object being written front to back (see :meth:`Storage.open_upload`)."""
+
+    size_bytes: int = 0
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Append ``data``."""
+
+    @abstractmethod
+    async def _finish(self) -> None:
+        """Make the object visible."""
+
+    @abstractmethod
+    async def _abort(self) -> None:
+        """Leave nothing behind."""
+
+    async def __aenter__(self) -> Upload:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            await self._finish()
+        else:
+            await self._abort()
 
 
 class LocalStorage(Storage):
@@ -170,6 +228,32 @@ class LocalStorage(Storage):
         """Whether ``key`` is stored."""
         path = self.path_of(key)
         return await self._run(path.is_file)
+
+    async def size_of(self, key: str) -> int:
+        """The size of the file that holds ``key``."""
+        path = self.path_of(key)
+        stat = await self._run(path.stat, key=key)
+        return int(stat.st_size)
+
+    async def stream_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        """``length`` bytes from ``offset`` in chunks of at most 1 MiB."""
+        path = self.path_of(key)
+        handle = await self._run(path.open, "rb", key=key)
+        try:
+            handle.seek(offset)
+            left = length
+            while left > 0:
+                chunk = await self._run(handle.read, min(CHUNK_BYTES, left), key=key)
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+        finally:
+            handle.close()
+
+    def open_upload(self, key: str, *, content_type: str | None = None) -> Upload:
+        """A temporary file next to the target, renamed over it when complete."""
+        return _LocalUpload(self, self.path_of(key))
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
@@ -242,12 +326,14 @@ class S3Storage(Storage):
         endpoint_url: str | None = None,
         multipart_threshold_bytes: int = MULTIPART_THRESHOLD_BYTES,
         multipart_part_bytes: int = MULTIPART_PART_BYTES,
+        upload_part_bytes: int = UPLOAD_PART_BYTES,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url
         self.multipart_threshold_bytes = multipart_threshold_bytes
         self.multipart_part_bytes = multipart_part_bytes
+        self.upload_part_bytes = max(upload_part_bytes, S3_MIN_PART_BYTES)
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._client_lock = asyncio.Lock()
@@ -396,6 +482,34 @@ class S3Storage(Storage):
                     break
                 yield chunk
 
+    async def size_of(self, key: str) -> int:
+        """The object's ContentLength (a HEAD request)."""
+        s3 = await self._s3()
+        with self._errors(key):
+            answer = await s3.head_object(Bucket=self.bucket, Key=self._full(key))
+        return int(answer["ContentLength"])
+
+    async def stream_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        """A ranged GET of ``length`` bytes from ``offset``, in chunks of about 1 MiB."""
+        if length <= 0:
+            return
+        s3 = await self._s3()
+        with self._errors(key):
+            answer = await s3.get_object(Bucket=self.bucket, Key=self._full(key),
+                                         Range=f"bytes={offset}-{offset + length - 1}")
+        async with answer["Body"] as body:
+            while True:
+                with self._errors(key):
+                    chunk = await body.read(CHUNK_BYTES)
+                if not chunk:
+                    break
+                yield chunk
+
+    def open_upload(self, key: str, *, content_type: str | None = None) -> Upload:
+        """A multipart upload of ``upload_part_bytes`` parts, one sent while the next fills;
+        an object smaller than one part is sent with one PUT instead."""
+        return _S3Upload(self, key, content_type)
+
     async def exists(self, key: str) -> bool:
         """Whether ``key`` is stored (a HEAD request)."""
         s3 = await self._s3()
@@ -426,6 +540,108 @@ class S3Storage(Storage):
         """Close the HTTP connections of the client."""
         await self._stack.aclose()
         self._client = None
+
+
+class _LocalUpload(Upload):
+    def __init__(self, storage: LocalStorage, path: Path) -> None:
+        self._storage = storage
+        self._path = path
+        self._tmp = _tmp_sibling(path)
+        self._handle: Any = None
+
+    async def write(self, data: bytes) -> None:
+        if self._handle is None:
+            await self._storage._run(self._path.parent.mkdir, parents=True, exist_ok=True)
+            self._handle = await self._storage._run(self._tmp.open, "wb")
+        await self._storage._run(self._handle.write, data)
+        self.size_bytes += len(data)
+
+    async def _finish(self) -> None:
+        if self._handle is None:
+            await self.write(b"")
+        await self._storage._run(self._handle.close)
+        await self._storage._run(os.replace, self._tmp, self._path)
+
+    async def _abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class _S3Upload(Upload):
+    def __init__(self, storage: S3Storage, key: str, content_type: str | None) -> None:
+        self._storage = storage
+        self._key = storage._full(key)
+        self._extra = {"ContentType": content_type} if content_type else {}
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._sending: asyncio.Task[None] | None = None
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        self.size_bytes += len(data)
+        if len(self._buffer) >= self._storage.upload_part_bytes:
+            await self._send_part()
+
+    async def _send_part(self) -> None:
+        s3 = await self._storage._s3()
+        if self._upload_id is None:
+            with self._storage._errors():
+                answer = await s3.create_multipart_upload(
+                    Bucket=self._storage.bucket, Key=self._key, **self._extra)
+            self._upload_id = answer["UploadId"]
+        # One part in flight while the next one fills: wait for the previous first.
+        await self._wait_sent()
+        body, self._buffer = bytes(self._buffer), bytearray()
+        number = len(self._parts) + 1
+        self._parts.append({"PartNumber": number})
+        self._sending = asyncio.create_task(self._put_part(s3, number, body))
+
+    async def _put_part(self, s3: Any, number: int, body: bytes) -> None:
+        with self._storage._errors():
+            answer = await s3.upload_part(Bucket=self._storage.bucket, Key=self._key,
+                                          UploadId=self._upload_id, PartNumber=number,
+                                          Body=body)
+        self._parts[number - 1]["ETag"] = answer["ETag"]
+
+    async def _wait_sent(self) -> None:
+        if self._sending is not None:
+            sending, self._sending = self._sending, None
+            await sending
+
+    async def _finish(self) -> None:
+        s3 = await self._storage._s3()
+        if self._upload_id is None:
+            with self._storage._errors():
+                await s3.put_object(Bucket=self._storage.bucket, Key=self._key,
+                                    Body=bytes(self._buffer), **self._extra)
+            return
+        try:
+            if self._buffer:
+                await self._send_part()
+            await self._wait_sent()
+            with self._storage._errors():
+                await s3.complete_multipart_upload(
+                    Bucket=self._storage.bucket, Key=self._key, UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts})
+        except BaseException:
+            await self._abort()
+            raise
+
+    async def _abort(self) -> None:
+        if self._sending is not None:
+            self._sending.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sending
+            self._sending = None
+        if self._upload_id is not None:
+            # An abandoned multipart upload keeps costing storage until aborted.
+            s3 = await self._storage._s3()
+            with contextlib.suppress(Exception):
+                await s3.abort_multipart_upload(Bucket=self._storage.bucket, Key=self._key,
+                                                UploadId=self._upload_id)
+            self._upload_id = None
 
 
 def storage_from_url(url: str, *, s3_endpoint_url: str | None = None) -> Storage:
