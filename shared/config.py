@@ -19,6 +19,9 @@ from shared.errors import ConfigError
 #: fresh clone needs nothing else.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE_URL = (PROJECT_ROOT / "var" / "storage").as_uri()
+#: Requests one worker has in flight to one ArcGIS host (ESRI_HOST_LIMIT): a few pages at
+#: once make a dump several times faster, and a public server hardly notices four.
+DEFAULT_ESRI_HOST_LIMIT = 4
 
 
 class Settings(BaseSettings):
@@ -58,6 +61,11 @@ class Settings(BaseSettings):
     #: Largest download a run may take: bytes on the wire (http, ftp, each ESRI page and the
     #: whole ESRI dump); a gzip or deflate Content-Encoding inflates within MAX_UNPACKED_BYTES.
     max_download_bytes: int = Field(default=10 * 1024**3, gt=0)
+    #: Requests one worker has in flight to one ArcGIS host, the pages of all its runs together
+    #: (see services/worker/sources/hosts.py); 1 fetches one page after another.
+    esri_host_limit: int = Field(default=DEFAULT_ESRI_HOST_LIMIT, ge=1, le=32)
+    #: User-Agent of every download; unset sends ``oa-machine/VERSION (+sources URL)``.
+    user_agent: str | None = Field(default=None, min_length=1, max_length=512)
     #: Runs one worker process works on at once.
     worker_concurrency: int = Field(default=1, ge=1, le=64)
     #: Name a worker reports in heartbeats; defaults to host name and pid.

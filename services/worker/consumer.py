@@ -29,6 +29,7 @@ from typing import Any
 
 from services.worker.isolation import Limits, RunRequest, run_isolated
 from services.worker.outbox import Outbox
+from services.worker.sources.hosts import SLOTS_FOLDER
 from services.worker.state import RunState
 from services.worker.zygote import ZYGOTE
 from shared.broker import Broker
@@ -108,6 +109,10 @@ class Worker:
                 allow_files=False, allow_private=self.settings.allow_private_urls,
                 max_unpacked_bytes=self.settings.max_unpacked_bytes,
                 max_download_bytes=self.settings.max_download_bytes,
+                esri_host_limit=self.settings.esri_host_limit,
+                # Shared by every run of this worker, so the limit holds across them.
+                host_slots_dir=str(self.settings.work_dir / SLOTS_FOLDER),
+                user_agent=self.settings.user_agent,
                 previous=task.previous.model_dump() if task.previous else None,
             )
             state = await run_isolated(request, Limits(timeout_s, self.settings.run_memory_bytes))

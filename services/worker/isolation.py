@@ -41,6 +41,12 @@ class RunRequest:
     allow_private: bool = False
     max_unpacked_bytes: int = 20 * 1024**3
     max_download_bytes: int = 10 * 1024**3
+    #: ESRI_HOST_LIMIT (None: its default) and the worker's slot folder shared by its runs
+    #: (None: each download keeps its own; see services/worker/sources/hosts.py).
+    esri_host_limit: int | None = None
+    host_slots_dir: str | None = None
+    #: USER_AGENT (None: ours).
+    user_agent: str | None = None
     #: From the latest successful run of this entry, for conditional GET and reuse.
     previous: dict[str, Any] | None = None
     progress: bool = False

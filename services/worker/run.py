@@ -162,6 +162,8 @@ def _download(
                 max_download_bytes=request.max_download_bytes,
                 max_unpacked_bytes=request.max_unpacked_bytes,
             ),
+            user_agent=request.user_agent, esri_host_limit=request.esri_host_limit,
+            host_slots_dir=Path(request.host_slots_dir) if request.host_slots_dir else None,
         )
     state.cache_time = round(time.monotonic() - started, 3)
     # The data's version is the day it was downloaded, as in the reference's state.

@@ -1,4 +1,5 @@
-"""A fake ArcGIS REST server on 127.0.0.1: layer metadata, counts, paging, object ids, tokens.
+"""A fake ArcGIS REST server on 127.0.0.1: layer metadata, counts, paging, object ids, tokens,
+``OBJECTID`` ranges and statistics; latency, errors on large pages, intermittent 500s, 429s.
 
 It behaves like the real thing where the dumper cares (and can misbehave the way real
 servers do)::
@@ -9,11 +10,20 @@ servers do)::
 
 or ``async with FakeArcGIS() as arcgis:`` on the test's loop. Requests are recorded in
 ``arcgis.requests``; ``arcgis.params(request)`` gives a request's query or form parameters.
+
+It also watches the client's manners: ``arcgis.peak_in_flight`` is the most requests it had
+in flight at once to one host (this server); with ``arcgis.in_flight_limit`` set, each request
+above it is recorded in ``arcgis.violations``, and so is each request that arrives while a
+``Retry-After`` it sent is still running.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -52,6 +62,22 @@ class FakeLayer:
     failures: list[int] = field(default_factory=list)
     #: Answer gzip-encoded, as most real servers do when the client accepts it.
     gzip: bool = False
+    #: Seconds every request to the layer takes before it is answered.
+    latency_s: float = 0.0
+    #: A query for more features than this answers HTTP 500 (a page too large to build).
+    error_above: int | None = None
+    #: Every n-th feature query answers HTTP 500 (0: never).
+    error_every: int = 0
+    #: Every n-th feature query answers 429 with ``Retry-After: retry_after_s`` (0: never).
+    throttle_every: int = 0
+    retry_after_s: int = 1
+    #: ``"name=value"`` of a query parameter → how many such queries answer HTTP 500 first.
+    fail_matching: dict[str, int] = field(default_factory=dict)
+    #: ``returnIdsOnly`` is refused when the layer has more ids than this.
+    max_ids: int | None = None
+    supports_statistics: bool = True
+    #: Feature queries answered so far (what ``error_every`` and ``throttle_every`` count).
+    queries_seen: int = 0
 
     @property
     def field_names(self) -> list[str]:
@@ -65,6 +91,19 @@ class FakeArcGIS(AppServer):
     def __init__(self) -> None:
         super().__init__()
         self.layers: dict[str, FakeLayer] = {}
+        self.in_flight_limit: int | None = None
+        self.peak_in_flight = 0
+        self.violations: list[str] = []
+        self._in_flight: dict[str, int] = {}
+        #: Host → until when (monotonic) it told clients to stay away.
+        self._retry_after_until: dict[str, float] = {}
+
+    def reset_watch(self, in_flight_limit: int | None = None) -> None:
+        """Forget what was seen so far and watch for ``in_flight_limit`` from now on."""
+        self.in_flight_limit = in_flight_limit
+        self.peak_in_flight = 0
+        self.violations = []
+        self._retry_after_until.clear()
 
     def add_layer(self, name: str, layer: FakeLayer) -> str:
         self.layers[name] = layer
@@ -85,12 +124,32 @@ class FakeArcGIS(AppServer):
         return [self.params(r) for r in self.requests if r.path == path]
 
     def build_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._watch])
         base = "/arcgis/rest/services/{name}/FeatureServer/0"
         app.router.add_route("*", base.removesuffix("/0"), self._service)
         app.router.add_route("*", base, self._metadata)
         app.router.add_route("*", base + "/query", self._query)
         return app
+
+    @web.middleware
+    async def _watch(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        host = request.host
+        now = time.monotonic()
+        # A little slack for the clocks of two event loops.
+        if now < self._retry_after_until.get(host, 0.0) - 0.02:
+            self.violations.append(f"{host}: a request during Retry-After")
+        self._in_flight[host] = in_flight = self._in_flight.get(host, 0) + 1
+        self.peak_in_flight = max(self.peak_in_flight, in_flight)
+        if self.in_flight_limit is not None and in_flight > self.in_flight_limit:
+            self.violations.append(f"{host}: {in_flight} requests in flight")
+        try:
+            return await handler(request)
+        finally:
+            self._in_flight[host] -= 1
 
     async def _prologue(
         self, request: web.Request
@@ -99,6 +158,8 @@ class FakeArcGIS(AppServer):
         layer = self.layers.get(request.match_info["name"])
         if layer is None:
             return _error(400, "Invalid URL", status=404)
+        if layer.latency_s:
+            await asyncio.sleep(layer.latency_s)
         if layer.failures:
             return web.Response(status=layer.failures.pop(0), text="failure on purpose")
         params = self.params(recorded)
@@ -141,12 +202,20 @@ class FakeArcGIS(AppServer):
             return got
         layer, params = got
         if params.get("returnCountOnly") == "true":
-            return _answer(layer, {"count": len(layer.features) + layer.count_error})
+            matched = _where(layer.features, params.get("where", "1=1"))
+            return _answer(layer, {"count": len(matched) + layer.count_error})
         if params.get("returnIdsOnly") == "true":
             ids = [f["attributes"][OID] for f in layer.features]
+            if layer.max_ids is not None and len(ids) > layer.max_ids:
+                return _error(400, "Requested operation exceeds the maximum number of ids.")
             return _answer(layer, {"objectIdFieldName": OID, "objectIds": ids})
+        if "outStatistics" in params:
+            return _statistics(layer, params)
         if "resultOffset" in params and not layer.supports_pagination:
             return _error(400, "Pagination is not supported.")
+        refused = self._refuse(request, layer, params)
+        if refused is not None:
+            return refused
         features, more = _select(layer, params)
         answer: dict[str, Any] = {
             "objectIdFieldName": OID,
@@ -159,11 +228,71 @@ class FakeArcGIS(AppServer):
         return _answer(layer, answer)
 
 
+    def _refuse(
+        self, request: web.Request, layer: FakeLayer, params: dict[str, str]
+    ) -> web.Response | None:
+        """The failure this feature query gets on purpose, if any."""
+        layer.queries_seen += 1
+        for pair, left in layer.fail_matching.items():
+            name, _, value = pair.partition("=")
+            if left and params.get(name) == value:
+                layer.fail_matching[pair] = left - 1
+                return web.Response(status=500, text="failure on purpose")
+        if layer.error_above is not None and _asked(layer, params) > layer.error_above:
+            return web.Response(status=500, text="the page is too large to build in time")
+        if layer.error_every and layer.queries_seen % layer.error_every == 0:
+            return web.Response(status=500, text="failure on purpose")
+        if layer.throttle_every and layer.queries_seen % layer.throttle_every == 0:
+            until = time.monotonic() + layer.retry_after_s
+            self._retry_after_until[request.host] = until
+            return web.Response(
+                status=429, text="slow down", headers={"Retry-After": str(layer.retry_after_s)}
+            )
+        return None
+
+
+_RANGE = re.compile(rf"^{OID} >= (-?\d+) AND {OID} < (-?\d+)$")
+
+
+def _where(features: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """The features a ``where`` selects: ``1=1`` or an ``OBJECTID`` range."""
+    if where.strip() == "1=1":
+        return features
+    match = _RANGE.match(where.strip())
+    if match is None:
+        raise ValueError(f"the fake server does not understand where={where!r}")
+    low, high = int(match[1]), int(match[2])
+    return [f for f in features if low <= f["attributes"][OID] < high]
+
+
+def _asked(layer: FakeLayer, params: dict[str, str]) -> int:
+    """How many features a query would have the server build."""
+    if "objectIds" in params:
+        return len([i for i in params["objectIds"].split(",") if i])
+    if "resultRecordCount" in params:
+        return int(params["resultRecordCount"])
+    return len(_where(layer.features, params.get("where", "1=1")))
+
+
+def _statistics(layer: FakeLayer, params: dict[str, str]) -> web.Response:
+    if not layer.supports_statistics:
+        return _error(400, "Statistics are not supported.")
+    ids = [f["attributes"][OID] for f in layer.features]
+    attributes = {
+        wanted["outStatisticFieldName"]: (min if wanted["statisticType"] == "min" else max)(ids)
+        for wanted in json.loads(params["outStatistics"])
+    }
+    return _answer(layer, {"features": [{"attributes": attributes}]})
+
+
 def _select(layer: FakeLayer, params: dict[str, str]) -> tuple[list[dict[str, Any]], bool]:
     """The features a query asks for, and whether more matched than were returned."""
     if "objectIds" in params:
         wanted = {int(i) for i in params["objectIds"].split(",") if i}
         matched = [f for f in layer.features if f["attributes"][OID] in wanted]
+        return matched[: layer.max_record_count], len(matched) > layer.max_record_count
+    if "resultOffset" not in params:
+        matched = _where(layer.features, params.get("where", "1=1"))
         return matched[: layer.max_record_count], len(matched) > layer.max_record_count
     offset = 0 if layer.ignore_offset else int(params.get("resultOffset", "0"))
     size = layer.max_record_count

@@ -1,60 +1,77 @@
-"""Dump an ArcGIS Feature/MapServer layer to line-delimited GeoJSON.
+"""Dump an ArcGIS Feature/MapServer layer to line-delimited GeoJSON, a few pages at a time.
 
-Strategy, most to least efficient: page by ``resultOffset`` when the layer says it supports
-pagination; else ask for every object id and query the ids in chunks; else one plain query
-(which the server may truncate; we warn). A server that claims pagination but ignores
-``resultOffset`` (the same page again) is caught and dumped by ids instead.
+Strategy, most to least efficient (:mod:`services.worker.sources.esri_plans`): page by
+``resultOffset`` when the layer says it supports pagination; else ask for every object id and
+query the ids in chunks; else, when the id list is refused, query ``OBJECTID`` ranges between
+the smallest and largest id; else one plain query (which the server may truncate; we warn). A
+server that claims pagination but ignores ``resultOffset`` (the same page again) is caught
+and dumped by ids instead.
 
-Each feature is written as one GeoJSON line as soon as its page arrives, so memory holds one
-page at a time; GDAL reads the ``.geojsonl`` file as a stream. A page is held within the size
-limits (its body on the wire and inflated), and so is the whole dump on disk.
+Pages are fetched up to ESRI_HOST_LIMIT at once and written in page order
+(:mod:`services.worker.sources.esri_pages`), so the file is the same as one page after another
+gives; the page size is the layer's ``maxRecordCount``, halved when large pages fail. Memory
+holds at most that many pages; GDAL reads the ``.geojsonl`` file as a stream. A page is held
+within the size limits (its body on the wire and inflated), and so is the whole dump on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
-import json
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-import aiohttp
 import structlog
-from yarl import URL
 
 from services.worker.errors import RunError
+from services.worker.sources.esri_client import JSON, LayerClient
+from services.worker.sources.esri_geojson import (
+    encode_lines,
+    to_geojson_feature,
+    to_geojson_geometry,
+)
+from services.worker.sources.esri_pages import Pager
+from services.worker.sources.esri_plans import (
+    IdPlan,
+    OffsetPlan,
+    PagingIgnoredError,
+    RangePlan,
+    oid_bounds,
+)
 from services.worker.sources.guard import UrlPolicy, redact
+from services.worker.sources.hosts import SLOTS_FOLDER, HostLimit, HostSlots
 from services.worker.sources.http import (
     DEFAULT_LIMITS,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUTS,
     Retry,
-    RetryableError,
     SizeLimits,
     Timeouts,
     make_session,
-    open_response,
-    read_body,
-    status_error,
-    with_retries,
 )
+
+__all__ = [
+    "CONTENT_TYPE",
+    "EsriResult",
+    "HostLimit",
+    "PagingIgnoredError",
+    "dump",
+    "dump_async",
+    "to_geojson_feature",
+    "to_geojson_geometry",
+]
 
 log = structlog.get_logger(__name__)
 
 CONTENT_TYPE = "application/x-ndjson"
+#: Page size of a layer that states no ``maxRecordCount``.
 DEFAULT_PAGE_SIZE = 1000
-# Past this many characters of object ids a GET URL risks a 414 from the server or a proxy.
-MAX_GET_IDS_CHARS = 1500
-TOKEN_ERROR_CODES = frozenset({498, 499})
-
-JSON = dict[str, Any]
-Position = list[float]
-Ring = list[Position]
+#: Largest page asked for, whatever ``maxRecordCount`` says: a few servers allow tens of
+#: thousands, and ``limit × page`` features are held in memory at once.
+MAX_PAGE_SIZE = 5000
+DEFAULT_HOST_LIMIT = HostLimit()
 
 
 @dataclass(frozen=True)
@@ -64,107 +81,6 @@ class EsriResult:
     size_bytes: int
     expected_count: int | None
     written_count: int
-
-
-class PagingIgnoredError(Exception):
-    """The server answered a later offset with the first page again."""
-
-
-# --- geometry ----------------------------------------------------------------------------
-
-
-def _position(raw: Any) -> Position | None:
-    if not isinstance(raw, list | tuple) or len(raw) < 2:
-        return None
-    x, y = raw[0], raw[1]
-    if not isinstance(x, int | float) or not isinstance(y, int | float):
-        return None
-    if math.isnan(x) or math.isnan(y):
-        return None
-    return [float(x), float(y)]
-
-
-def _positions(raw: Any) -> list[Position]:
-    return [p for p in (_position(item) for item in raw or []) if p is not None]
-
-
-def _closed(ring: Ring) -> Ring:
-    return ring if ring[0] == ring[-1] else [*ring, ring[0]]
-
-
-def _signed_area(ring: Ring) -> float:
-    """Twice the signed area; negative means clockwise (x east, y north)."""
-    return sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in itertools.pairwise(ring))
-
-
-def _contains(ring: Ring, point: Position) -> bool:
-    # Even-odd ray casting; good enough to decide which outer ring a hole belongs to.
-    x, y = point
-    inside = False
-    for (x1, y1), (x2, y2) in itertools.pairwise(ring):
-        if (y1 > y) != (y2 > y) and x < (x2 - x1) * (y - y1) / (y2 - y1) + x1:
-            inside = not inside
-    return inside
-
-
-def _polygons(rings_raw: Any) -> list[list[Ring]]:
-    """Group Esri rings (outer clockwise, holes counter-clockwise) into GeoJSON polygons
-    (outer counter-clockwise, holes clockwise, as RFC 7946 asks)."""
-    rings = [_closed(r) for r in (_positions(raw) for raw in rings_raw or []) if len(r) >= 3]
-    rings = [r for r in rings if len(r) >= 4]
-    outers = [r for r in rings if _signed_area(r) < 0]
-    holes = [r for r in rings if _signed_area(r) >= 0]
-    polygons: list[list[Ring]] = [[outer[::-1]] for outer in outers]
-    for hole in holes:
-        owner = next(
-            (p for p, o in zip(polygons, outers, strict=True) if _contains(o, hole[0])), None
-        )
-        if owner is None:
-            # A counter-clockwise ring inside nothing: a server that got the winding wrong.
-            polygons.append([hole])
-            outers.append(hole[::-1])
-        else:
-            owner.append(hole[::-1])
-    return polygons
-
-
-def to_geojson_geometry(geometry: Mapping[str, Any] | None) -> JSON | None:
-    """Convert an Esri JSON geometry to a GeoJSON one; None when missing or empty."""
-    if not geometry:
-        return None
-    if "x" in geometry:
-        point = _position([geometry.get("x"), geometry.get("y")])
-        return {"type": "Point", "coordinates": point} if point else None
-    if "points" in geometry:
-        points = _positions(geometry["points"])
-        if not points:
-            return None
-        if len(points) == 1:
-            return {"type": "Point", "coordinates": points[0]}
-        return {"type": "MultiPoint", "coordinates": points}
-    if "paths" in geometry:
-        paths = [p for p in (_positions(raw) for raw in geometry["paths"] or []) if len(p) >= 2]
-        if not paths:
-            return None
-        if len(paths) == 1:
-            return {"type": "LineString", "coordinates": paths[0]}
-        return {"type": "MultiLineString", "coordinates": paths}
-    if "rings" in geometry:
-        polygons = _polygons(geometry["rings"])
-        if not polygons:
-            return None
-        if len(polygons) == 1:
-            return {"type": "Polygon", "coordinates": polygons[0]}
-        return {"type": "MultiPolygon", "coordinates": polygons}
-    return None
-
-
-def to_geojson_feature(feature: Mapping[str, Any]) -> JSON:
-    return {
-        "type": "Feature",
-        "properties": dict(feature.get("attributes") or {}),
-        "geometry": to_geojson_geometry(feature.get("geometry")),
-    }
 
 
 # --- output ------------------------------------------------------------------------------
@@ -199,11 +115,10 @@ class LineWriter:
         self.count = 0
 
     def write(self, features: Sequence[Mapping[str, Any]]) -> None:
-        lines = b"".join(
-            json.dumps(to_geojson_feature(f), ensure_ascii=False, separators=(",", ":")).encode()
-            + b"\n"
-            for f in features
-        )
+        self.write_lines(encode_lines(features), len(features))
+
+    def write_lines(self, lines: bytes, count: int) -> None:
+        """Append ``count`` features already encoded by ``encode_lines``."""
         if self.size_bytes + len(lines) > self._max_bytes:
             raise RunError(
                 f"download failed, {self._shown}: the layer's features pass the limit of "
@@ -214,95 +129,9 @@ class LineWriter:
         self._out.write(lines)
         self.md5.update(lines)
         self.size_bytes += len(lines)
-        self.count += len(features)
+        self.count += count
         if self._progress is not None:
             self._progress(self.size_bytes)
-
-
-# --- the server --------------------------------------------------------------------------
-
-
-def _is_token_error(error: Mapping[str, Any]) -> bool:
-    message = f"{error.get('message', '')} {error.get('details', '')}".lower()
-    return error.get("code") in TOKEN_ERROR_CODES or "token" in message
-
-
-class LayerClient:
-    """JSON requests to one layer, with retries and ArcGIS error handling."""
-
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        url: str,
-        *,
-        policy: UrlPolicy,
-        headers: Mapping[str, str],
-        retry: Retry,
-        limits: SizeLimits = DEFAULT_LIMITS,
-    ) -> None:
-        parts = urlsplit(url)
-        # A query string in the source URL (a token, a definition query) goes on every request.
-        self.base_params = dict(parse_qsl(parts.query))
-        self.layer_url = urlunsplit(parts._replace(query="", fragment="")).rstrip("/")
-        self.shown = redact(self.layer_url)
-        self._session = session
-        self._policy = policy
-        self._headers = dict(headers)
-        self._retry = retry
-        self._limits = limits
-
-    async def get(self, path: str, params: Mapping[str, str], *, post: bool = False) -> JSON:
-        url = self.layer_url + path
-        query = {**self.base_params, **params}
-
-        async def attempt() -> JSON:
-            method = "POST" if post else "GET"
-            async with open_response(
-                self._session,
-                method,
-                url if post else _with_query(url, query),
-                policy=self._policy,
-                headers=self._headers,
-                data=query if post else None,
-            ) as response:
-                # Bounded: a page is held in memory whole.
-                body = await read_body(response, self.shown, self._limits)
-                return self._parse(response, body)
-
-        return await with_retries(attempt, self._retry, self.shown)
-
-    def _parse(self, response: aiohttp.ClientResponse, body: bytes) -> JSON:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
-        except RecursionError as exc:
-            # No layer nests its JSON hundreds deep; this is a broken or hostile server.
-            raise RunError(
-                f"download failed, {self.shown}: the answer is JSON nested too deeply to read",
-                "download_failed",
-            ) from exc
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            self._raise_arcgis_error(data["error"])
-        if response.status >= 400:
-            raise status_error(self.shown, response)
-        if not isinstance(data, dict):
-            # Often a truncated answer or an HTML error page from a proxy: try again.
-            raise RetryableError(f"{self.shown}: the answer is not a JSON object")
-        return data
-
-    def _raise_arcgis_error(self, error: Mapping[str, Any]) -> None:
-        code = error.get("code")
-        message = f"{self.shown}: ArcGIS error {code}: {error.get('message', '')}"
-        if _is_token_error(error):
-            raise RunError(f"the layer needs a token, {message}", "no_esri_token")
-        if isinstance(code, int) and code >= 500:
-            raise RetryableError(message)
-        raise RunError(f"download failed, {message}", "download_failed")
-
-
-def _with_query(url: str, params: Mapping[str, str]) -> str:
-    return str(URL(url).with_query(dict(params)))
 
 
 # --- the dump ----------------------------------------------------------------------------
@@ -326,11 +155,9 @@ class Layer:
         advanced = meta.get("advancedQueryCapabilities") or {}
         supports = bool(advanced.get("supportsPagination") or meta.get("supportsPagination"))
         max_records = meta.get("maxRecordCount")
-        page_size = (
-            min(max_records, max_page_size)
-            if isinstance(max_records, int) and max_records > 0
-            else max_page_size
-        )
+        # The server's own page size: asking for less only multiplies the round trips.
+        stated = max_records if isinstance(max_records, int) and max_records > 0 else None
+        page_size = min(stated or DEFAULT_PAGE_SIZE, max_page_size)
         return cls(oid_field, page_size, supports, _out_fields(fields, out_fields, oid_field))
 
 
@@ -352,16 +179,13 @@ def _out_fields(
     return ",".join(dict.fromkeys(name for name in chosen if name)) or "*"
 
 
-def _chunks(ids: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(ids), size):
-        yield list(ids[start : start + size])
-
-
 class Dumper:
-    def __init__(self, client: LayerClient, layer: Layer, writer: LineWriter) -> None:
+    """One dump: the requests around the pages, and the choice of plan."""
+
+    def __init__(self, client: LayerClient, layer: Layer, pager: Pager) -> None:
         self.client = client
         self.layer = layer
-        self.writer = writer
+        self.pager = pager
 
     def _query_params(self) -> dict[str, str]:
         return {
@@ -372,103 +196,61 @@ class Dumper:
             "f": "json",
         }
 
-    async def count(self) -> int | None:
+    async def _optional(self, params: Mapping[str, str], event: str) -> JSON | None:
+        """An answer the dump can do without: None when refused (not for want of a token)."""
         try:
-            data = await self.client.get(
-                "/query", {"where": "1=1", "returnCountOnly": "true", "f": "json"}
-            )
+            return await self.client.get("/query", params)
         except RunError as exc:
             if exc.problem == "no_esri_token" or exc.over_limit:
                 raise
-            log.warning("esri.count_failed", url=self.client.shown, error=str(exc))
+            log.warning(event, url=self.client.shown, error=str(exc))
             return None
-        count = data.get("count")
+
+    async def count(self) -> int | None:
+        params = {"where": "1=1", "returnCountOnly": "true", "f": "json"}
+        data = await self._optional(params, "esri.count_failed")
+        count = data.get("count") if data else None
         return count if isinstance(count, int) else None
 
-    def _oid(self, feature: Mapping[str, Any]) -> Any:
-        attributes = feature.get("attributes") or {}
-        return attributes.get(self.layer.oid_field) if self.layer.oid_field else None
+    async def object_ids(self) -> list[int] | None:
+        params = {"where": "1=1", "returnIdsOnly": "true", "f": "json"}
+        data = await self._optional(params, "esri.ids_failed")
+        ids = data.get("objectIds") if data else None
+        if data is None or not isinstance(ids, list):
+            return None
+        if data.get("objectIdFieldName") and not self.layer.oid_field:
+            self.layer = replace(self.layer, oid_field=data["objectIdFieldName"])
+        return sorted(i for i in ids if isinstance(i, int))
 
-    async def by_offset(self, expected: int | None) -> None:
-        offset = 0
-        first: Mapping[str, Any] | None = None
-        while True:
-            params = {
-                **self._query_params(),
-                "resultOffset": str(offset),
-                "resultRecordCount": str(self.layer.page_size),
-            }
+    async def run(self, expected: int | None) -> None:
+        writer = self.pager.writer
+        if self.layer.supports_pagination:
+            params = self._query_params()
             if self.layer.oid_field:
                 # A stable order, or pages may overlap and skip features.
                 params["orderByFields"] = f"{self.layer.oid_field} ASC"
-            data = await self.client.get("/query", params)
-            features = data.get("features") or []
-            if not features:
+            try:
+                await self.pager.run(OffsetPlan(self.client, params, expected))
                 return
-            # The whole first feature, not just its id: a layer may have no id field.
-            if first is None:
-                first = features[0]
-            elif features[0] == first:
-                raise PagingIgnoredError
-            self.writer.write(features)
-            # Advance by what came back: some servers return fewer than asked (their own
-            # limit) or more (they ignore resultRecordCount).
-            offset += len(features)
-            more = bool(data.get("exceededTransferLimit"))
-            if expected is not None and offset >= expected and not more:
-                return
-            if expected is None and len(features) < self.layer.page_size and not more:
-                return
-
-    async def object_ids(self) -> list[int] | None:
-        try:
-            data = await self.client.get(
-                "/query", {"where": "1=1", "returnIdsOnly": "true", "f": "json"}
-            )
-        except RunError as exc:
-            if exc.problem == "no_esri_token" or exc.over_limit:
-                raise
-            log.warning("esri.ids_failed", url=self.client.shown, error=str(exc))
-            return None
-        ids = data.get("objectIds")
-        if not isinstance(ids, list):
-            return None
-        if data.get("objectIdFieldName") and not self.layer.oid_field:
-            self.layer = Layer(
-                data["objectIdFieldName"],
-                self.layer.page_size,
-                self.layer.supports_pagination,
-                self.layer.out_fields,
-            )
-        return sorted(i for i in ids if isinstance(i, int))
-
-    async def by_ids(self, ids: Sequence[int]) -> None:
-        for chunk in _chunks(ids, self.layer.page_size):
-            pending = chunk
-            while pending:
-                got = await self._query_ids(pending)
-                self.writer.write(got)
-                returned = {self._oid(f) for f in got}
-                # The server returned less than asked (a lower limit than it reported): ask
-                # again for the rest, as long as each answer makes progress.
-                rest = [i for i in pending if i not in returned]
-                if len(rest) == len(pending):
-                    log.warning("esri.ids_missing", url=self.client.shown, missing=len(rest))
-                    break
-                pending = rest
-
-    async def _query_ids(self, ids: Sequence[int]) -> list[JSON]:
-        joined = ",".join(str(i) for i in ids)
-        params = {**self._query_params(), "objectIds": joined}
-        del params["where"]
-        data = await self.client.get("/query", params, post=len(joined) > MAX_GET_IDS_CHARS)
-        return list(data.get("features") or [])
-
-    async def in_one_query(self) -> None:
+            except PagingIgnoredError:
+                log.warning("esri.offset_ignored", url=self.client.shown)
+                writer.reset()
+        ids = await self.object_ids()
+        if ids is not None:
+            plan = IdPlan(self.client, self._query_params(), ids, self.layer.oid_field)
+            await self.pager.run(plan)
+            return
+        oid_field = self.layer.oid_field
+        bounds = await oid_bounds(self.client, oid_field) if oid_field else None
+        if oid_field and bounds:
+            log.info("esri.by_ranges", url=self.client.shown, low=bounds[0], high=bounds[1])
+            plan_ranges = RangePlan(self.client, self._query_params(), oid_field, bounds, expected)
+            await self.pager.run(plan_ranges)
+            return
         data = await self.client.get("/query", self._query_params())
         if data.get("exceededTransferLimit"):
             log.warning("esri.truncated", url=self.client.shown)
-        self.writer.write(data.get("features") or [])
+        writer.write(data.get("features") or [])
 
 
 async def dump_async(
@@ -481,9 +263,12 @@ async def dump_async(
     progress: Callable[[int], None] | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
-    max_page_size: int = DEFAULT_PAGE_SIZE,
+    max_page_size: int = MAX_PAGE_SIZE,
     limits: SizeLimits = DEFAULT_LIMITS,
+    host_limit: HostLimit = DEFAULT_HOST_LIMIT,
+    user_agent: str | None = None,
 ) -> EsriResult:
+    """Dump the layer at ``url`` to ``dest``; see ``dump`` for the contract."""
     try:
         return await _dump(
             url,
@@ -496,6 +281,8 @@ async def dump_async(
             retry=retry,
             max_page_size=max_page_size,
             limits=limits,
+            host_limit=host_limit,
+            user_agent=user_agent,
         )
     except RecursionError as exc:
         # Features nested just under the parser's limit can still be too deep to compare or
@@ -523,10 +310,19 @@ async def _dump(
     retry: Retry,
     max_page_size: int,
     limits: SizeLimits,
+    host_limit: HostLimit,
+    user_agent: str | None,
 ) -> EsriResult:
-    async with make_session(policy, timeouts) as session:
+    slots = HostSlots(host_limit.slots_dir or dest.parent / SLOTS_FOLDER, url, host_limit.limit)
+    async with make_session(policy, timeouts, user_agent) as session:
         client = LayerClient(
-            session, url, policy=policy, headers=headers or {}, retry=retry, limits=limits
+            session,
+            url,
+            policy=policy,
+            headers=headers or {},
+            retry=retry,
+            slots=slots,
+            limits=limits,
         )
         meta = await client.get("", {"f": "json"})
         if "layers" in meta and "fields" not in meta:
@@ -535,35 +331,26 @@ async def _dump(
                 "download_failed",
             )
         layer = Layer.from_metadata(meta, out_fields, max_page_size)
-        # Blocking writes of one page at a time; the loop has nothing else to do meanwhile.
+        # Blocking writes of one page at a time; the loop has little else to do meanwhile.
         with dest.open("w+b") as out:
             writer = LineWriter(
                 out, progress, shown=client.shown, max_bytes=limits.max_download_bytes
             )
-            dumper = Dumper(client, layer, writer)
+            pager = Pager(
+                writer,
+                size=layer.page_size,
+                window=host_limit.limit,
+                retry=retry,
+                shown=client.shown,
+            )
+            dumper = Dumper(client, layer, pager)
             expected = await dumper.count()
-            await _run_strategy(dumper, expected)
-            writer = dumper.writer
+            await dumper.run(expected)
     if expected is not None and writer.count != expected:
         log.warning(
             "esri.count_mismatch", url=client.shown, expected=expected, written=writer.count
         )
     return EsriResult(dest, writer.md5.hexdigest(), writer.size_bytes, expected, writer.count)
-
-
-async def _run_strategy(dumper: Dumper, expected: int | None) -> None:
-    if dumper.layer.supports_pagination:
-        try:
-            await dumper.by_offset(expected)
-            return
-        except PagingIgnoredError:
-            log.warning("esri.offset_ignored", url=dumper.client.shown)
-            dumper.writer.reset()
-    ids = await dumper.object_ids()
-    if ids is not None:
-        await dumper.by_ids(ids)
-    else:
-        await dumper.in_one_query()
 
 
 def dump(
@@ -576,16 +363,21 @@ def dump(
     progress: Callable[[int], None] | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
-    max_page_size: int = DEFAULT_PAGE_SIZE,
+    max_page_size: int = MAX_PAGE_SIZE,
     limits: SizeLimits = DEFAULT_LIMITS,
+    host_limit: HostLimit = DEFAULT_HOST_LIMIT,
+    user_agent: str | None = None,
 ) -> EsriResult:
     """Dump the layer at ``url`` to ``dest`` as GeoJSON lines in EPSG:4326 (blocking).
 
+    At most ``host_limit.limit`` requests are in flight to the layer's host, counting every
+    dump that shares ``host_limit.slots_dir``. ``user_agent`` None sends ours.
+
     Raises ``RunError``: ``no_esri_token`` for a token-protected layer, ``download_failed``
-    otherwise (``transient`` when the retries of a 5xx, throttling or network error were used
-    up; ``over_limit`` for a page or a dump past ``limits``). A written count that differs
-    from the server's count is logged, not raised: the server's count is often off for live
-    layers.
+    otherwise (``transient`` when a page still failed with a 5xx, throttling or network error
+    after two rounds of retries, naming the page; ``over_limit`` for a page or a dump past
+    ``limits``). A written count that differs from the server's count is logged, not raised:
+    the server's count is often off for live layers.
     """
     return asyncio.run(
         dump_async(
@@ -599,5 +391,7 @@ def dump(
             retry=retry,
             max_page_size=max_page_size,
             limits=limits,
+            host_limit=host_limit,
+            user_agent=user_agent,
         )
     )

@@ -91,8 +91,15 @@ def fetch(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
     limits: SizeLimits = DEFAULT_LIMITS,
+    user_agent: str | None = None,
+    esri_host_limit: int | None = None,
+    host_slots_dir: Path | None = None,
 ) -> Download:
     """Download ``entry["data"]`` into ``workdir`` by ``entry["protocol"]``.
+
+    ``user_agent`` (the USER_AGENT setting; None: ours) goes with every http and ESRI request.
+    An ESRI dump keeps at most ``esri_host_limit`` requests in flight to the layer's host
+    (None: ESRI_HOST_LIMIT's default), counted with every run sharing ``host_slots_dir``.
 
     Raises ``RunError``: ``unknown_protocol``, ``download_failed`` (saying URL and status,
     error or size limit; see ``RunError.transient`` and ``RunError.over_limit``),
@@ -126,6 +133,7 @@ def fetch(
             timeouts=timeouts,
             retry=retry,
             limits=limits,
+            user_agent=user_agent,
         )
     if protocol == "ftp":
         from services.worker.sources import ftp  # deferred, see the imports
@@ -144,6 +152,9 @@ def fetch(
     if protocol == "esri":
         from services.worker.sources import esri  # deferred, see the imports
 
+        host_limit = esri.HostLimit(slots_dir=host_slots_dir)
+        if esri_host_limit is not None:
+            host_limit = esri.HostLimit(esri_host_limit, host_slots_dir)
         dumped = esri.dump(
             url,
             workdir / ESRI_FILE,
@@ -154,6 +165,8 @@ def fetch(
             timeouts=timeouts,
             retry=retry,
             limits=limits,
+            host_limit=host_limit,
+            user_agent=user_agent,
         )
         return Download(
             dumped.path, dumped.fingerprint, dumped.size_bytes, None, None, False, esri.CONTENT_TYPE
@@ -187,6 +200,7 @@ def _fetch_http(
     timeouts: Timeouts,
     retry: Retry,
     limits: SizeLimits,
+    user_agent: str | None,
 ) -> Download:
     part = workdir / (DOWNLOAD_STEM + ".part")
     try:
@@ -202,6 +216,7 @@ def _fetch_http(
             timeouts=timeouts,
             retry=retry,
             limits=limits,
+            user_agent=user_agent,
         )
     except RunError:
         # A half-written body must not be mistaken for a download later.

@@ -13,8 +13,10 @@ on the wire against ``max_download_bytes`` and the inflated bytes against
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import importlib.metadata
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -47,6 +49,8 @@ MAX_REDIRECTS = 10
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Statuses worth asking again: the server is overloaded or briefly broken.
 RETRY_STATUSES = frozenset({408, 425, 429})
+#: Statuses that ask every request to the host to wait, not just the one that got it.
+THROTTLE_STATUSES = frozenset({429, 503})
 #: The only content codings we ask for, and so the only ones we accept.
 ACCEPT_ENCODING = "gzip, deflate"
 _CODINGS = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
@@ -90,9 +94,17 @@ class Retry:
     tries: int = 3
     backoff_s: float = 2.0
     backoff_max_s: float = 60.0
+    #: Longest ``Retry-After`` we wait out; a server asking for more gets this, then the
+    #: retry (a run that still fails is run again later as a whole, see RUN_RETRY_DELAY_S).
+    retry_after_max_s: float = 300.0
 
     def delay_s(self, failed_tries: int) -> float:
         return float(min(self.backoff_s * 2 ** (failed_tries - 1), self.backoff_max_s))
+
+    def wait_s(self, failed_tries: int, retry_after_s: float | None = None) -> float:
+        """The pause before the next try: our backoff, or longer when the server asked."""
+        asked = min(retry_after_s or 0.0, self.retry_after_max_s)
+        return max(self.delay_s(failed_tries), asked)
 
 
 @dataclass(frozen=True)
@@ -125,11 +137,54 @@ class HttpResult:
 
 
 class RetryableError(Exception):
-    """One attempt failed in a way another attempt may not."""
+    """One attempt failed in a way another attempt may not.
+
+    ``status`` is the HTTP status (None for a network error or a bad body), ``retry_after_s``
+    what the server's ``Retry-After`` asked, ``timed_out`` whether the attempt ran out of time.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        timed_out: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.timed_out = timed_out
+
+    @property
+    def throttled(self) -> bool:
+        """The server says it is overloaded or we ask too often: slow down, all of us."""
+        return self.status in THROTTLE_STATUSES
 
 
-def make_session(policy: UrlPolicy, timeouts: Timeouts) -> aiohttp.ClientSession:
-    """A client session whose connector refuses addresses the policy forbids."""
+def retry_after_s(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks us to wait (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def make_session(
+    policy: UrlPolicy, timeouts: Timeouts, user_agent: str | None = None
+) -> aiohttp.ClientSession:
+    """A client session whose connector refuses addresses the policy forbids.
+
+    ``user_agent`` is the USER_AGENT setting; None sends ours (``USER_AGENT``).
+    """
     import aiohttp  # deferred, see the top of the module
 
     connector = aiohttp.TCPConnector(**connector_kwargs(policy))
@@ -139,7 +194,7 @@ def make_session(policy: UrlPolicy, timeouts: Timeouts) -> aiohttp.ClientSession
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeouts.client_timeout(),
-        headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
+        headers={"User-Agent": user_agent or USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
         trust_env=False,
         auto_decompress=False,
     )
@@ -183,13 +238,13 @@ async def open_response(
                 method, url, headers=dict(headers or {}), data=data, allow_redirects=False
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RetryableError(f"{redact(url)}: {_describe(exc)}") from exc
+            raise _network_error(url, exc) from exc
         target = _next_hop(response, url)
         if target is None:
             try:
                 yield response
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise RetryableError(f"{redact(url)}: {_describe(exc)}") from exc
+                raise _network_error(url, exc) from exc
             finally:
                 response.release()
             return
@@ -200,19 +255,29 @@ async def open_response(
     raise RunError(f"{redact(url)}: more than {MAX_REDIRECTS} redirects", "download_failed")
 
 
-def _describe(exc: BaseException) -> str:
+def _timed_out(exc: BaseException) -> bool:
     import aiohttp  # deferred, see the top of the module
 
-    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        return f"timed out ({exc or type(exc).__name__})"
-    return f"{type(exc).__name__}: {exc}"
+    return isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError)
+
+
+def _network_error(url: str, exc: BaseException) -> RetryableError:
+    if _timed_out(exc):
+        return RetryableError(
+            f"{redact(url)}: timed out ({exc or type(exc).__name__})", timed_out=True
+        )
+    return RetryableError(f"{redact(url)}: {type(exc).__name__}: {exc}")
 
 
 def status_error(url: str, response: aiohttp.ClientResponse) -> Exception:
     """The error for a non-success status: retryable for 5xx and throttling, final otherwise."""
     message = f"{redact(url)}: HTTP {response.status} {response.reason or ''}".rstrip()
     if response.status >= 500 or response.status in RETRY_STATUSES:
-        return RetryableError(message)
+        return RetryableError(
+            message,
+            status=response.status,
+            retry_after_s=retry_after_s(response.headers.get("Retry-After")),
+        )
     return RunError(f"download failed, {message}", "download_failed")
 
 
@@ -230,7 +295,7 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], retry: Retry, what: 
                     "download_failed",
                     transient=True,
                 ) from exc
-            delay_s = retry.delay_s(failures)
+            delay_s = retry.wait_s(failures, exc.retry_after_s)
             log.warning(
                 "download.retry", what=what, error=str(exc), failures=failures, delay_s=delay_s
             )
@@ -419,6 +484,7 @@ async def download_async(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
     limits: SizeLimits = DEFAULT_LIMITS,
+    user_agent: str | None = None,
 ) -> HttpResult:
     """Download ``url`` to ``dest``; see ``download`` for the contract."""
     request_headers = dict(headers or {})
@@ -428,7 +494,7 @@ async def download_async(
         request_headers["If-Modified-Since"] = if_modified_since
     conditional = bool(if_none_match or if_modified_since)
 
-    async with make_session(policy, timeouts) as session:
+    async with make_session(policy, timeouts, user_agent) as session:
 
         async def attempt() -> HttpResult:
             async with open_response(
@@ -480,6 +546,7 @@ def download(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     retry: Retry = DEFAULT_RETRY,
     limits: SizeLimits = DEFAULT_LIMITS,
+    user_agent: str | None = None,
 ) -> HttpResult:
     """Download ``url`` to ``dest`` (blocking; runs its own event loop).
 
@@ -487,8 +554,10 @@ def download(
     backoff (``RunError.transient`` once the tries are used up); other 4xx fail at once. With
     ``if_none_match``/``if_modified_since`` a 304 answer gives ``not_modified=True`` and leaves
     ``dest`` untouched. A gzip or deflate ``Content-Encoding`` is undone; a body past
-    ``limits`` fails at once (``RunError.over_limit``) and ``dest`` is removed. Raises
-    ``RunError`` with ``download_failed`` saying the URL and the status, error or limit.
+    ``limits`` fails at once (``RunError.over_limit``) and ``dest`` is removed. A
+    ``Retry-After`` on a 429 or 5xx is waited out (up to ``retry.retry_after_max_s``).
+    ``user_agent`` None sends ours. Raises ``RunError`` with ``download_failed`` saying the URL
+    and the status, error or limit.
     """
     return asyncio.run(
         download_async(
@@ -503,5 +572,6 @@ def download(
             timeouts=timeouts,
             retry=retry,
             limits=limits,
+            user_agent=user_agent,
         )
     )

@@ -74,8 +74,10 @@ def test_server_ignoring_record_count_is_followed(arcgis: FakeArcGIS, tmp_path: 
     )
     _, features = dump(url, tmp_path, max_page_size=2)
     assert oids(features) == list(range(1, 8))
+    # Pages are planned ahead at the size asked for; what comes back past it is dropped (the
+    # next page has it).
     offsets = [q["resultOffset"] for q in arcgis.queries("greedy") if "resultOffset" in q]
-    assert offsets == ["0", "3", "6"]
+    assert sorted(offsets, key=int) == ["0", "2", "4", "6"]
 
 
 def test_pages_by_object_ids_without_pagination(arcgis: FakeArcGIS, tmp_path: Path) -> None:
@@ -237,7 +239,7 @@ def test_server_returning_fewer_ids_than_asked(arcgis: FakeArcGIS, tmp_path: Pat
     _, features = dump(url, tmp_path)
     assert oids(features) == [1, 2, 3, 4, 5]
     chunks = [q["objectIds"] for q in arcgis.queries("liar") if "objectIds" in q]
-    assert chunks == ["1,2,3,4", "3,4", "5"]
+    assert sorted(chunks) == ["1,2,3,4", "3,4", "5"]
 
 
 def test_service_url_instead_of_layer_is_a_clear_error(arcgis: FakeArcGIS, tmp_path: Path) -> None:
