@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final
-from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +35,7 @@ from isal import isal_zlib
 from services.worker.conform.arrays import count_filled, value_bytes
 from services.worker.conform.layers import CSV_HEADER, LAYER_ATTRIBUTES
 from services.worker.conform.preview import PreviewSample, render_preview
+from shared.vrt import vrt_text
 
 GEOJSON_NAME: Final = "out.geojson"
 CSV_NAME: Final = "out.csv"
@@ -215,23 +215,6 @@ def archive_base(source_name: str) -> str:
     base = base.removesuffix(".json")
     parts = [p for p in base.split("/") if p not in ("", ".", "..")]
     return "/".join(parts) or "source"
-
-
-def vrt_text(csv_member: str) -> str:
-    """An OGR VRT reading the sibling CSV as EPSG:4326 points from LON/LAT."""
-    csv_file = csv_member.rsplit("/", 1)[-1]
-    layer = csv_file.removesuffix(".csv")
-    return (
-        "<OGRVRTDataSource>\n"
-        f"  <OGRVRTLayer name={quoteattr(layer)}>\n"
-        f'    <SrcDataSource relativeToVRT="1">{escape(csv_file)}</SrcDataSource>\n'
-        f"    <SrcLayer>{escape(layer)}</SrcLayer>\n"
-        "    <GeometryType>wkbPoint</GeometryType>\n"
-        "    <LayerSRS>EPSG:4326</LayerSRS>\n"
-        '    <GeometryField encoding="PointFromColumns" x="LON" y="LAT"/>\n'
-        "  </OGRVRTLayer>\n"
-        "</OGRVRTDataSource>\n"
-    )
 
 
 _SINGULAR: Final = {
