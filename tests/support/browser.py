@@ -131,7 +131,8 @@ class Browser:
         await asyncio.wait_for(self._loaded.wait(), LOAD_TIMEOUT_S)
         await asyncio.sleep(0.3)
         found = await self.call("Runtime.evaluate", {"returnByValue": True, "expression": (
-            "({links: Array.from(document.querySelectorAll('a[href]'), a => a.href),"
+            "({links: Array.from(document.querySelectorAll('a[href]'),"
+            "              a => new URL(a.getAttribute('href'), document.baseURI).href),"
             " title: document.title, text: document.body ? document.body.innerText : ''})")})
         value = found["result"]["value"]
         return Visit(url, self._document_status(url), self._errors(), value["links"],

@@ -117,11 +117,11 @@ def job_rows(jobs: list[Job], *, full: bool = True) -> Markup:
     return Markup("\n".join(rows))
 
 
-def progress(tally: Tally) -> str:
+def progress(tally: Tally) -> Markup:
     """A progress bar of the settled runs (no style attribute: the CSP allows none)."""
-    return (f'<progress value="{tally.settled}" max="{tally.total or 1}">{tally.settled} of '
-            f'{tally.total}</progress> {thousands(tally.settled)} of {thousands(tally.total)} '
-            f'settled')
+    return Markup(f'<progress value="{tally.settled}" max="{tally.total or 1}">{tally.settled} '
+                  f'of {tally.total}</progress> {thousands(tally.settled)} of '
+                  f'{thousands(tally.total)} settled')
 
 
 def set_rows(sets: list[Set]) -> Markup:

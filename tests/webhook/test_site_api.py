@@ -1,0 +1,133 @@
+"""The JSON API against its own OpenAPI document: the document is valid OpenAPI 3.1, it
+describes every API route the app serves, and every answer (200s over the seeded world, with
+their filters and following pages, and the 400/404 errors) validates against the schema the
+document gives for that path and status."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jsonschema
+from aiohttp.test_utils import TestClient
+from openapi_spec_validator import validate
+
+from services.webhook.views import api
+from services.webhook.views.openapi import document, openapi_path
+from tests.webhook.site_data import World
+
+Client = TestClient[Any, Any]
+
+
+def test_openapi_document_is_valid() -> None:
+    doc = document()
+    validate(doc)  # raises on an invalid document
+    assert doc["openapi"] == "3.1.0"
+    # Every endpoint is in it, with a schema for its answer generated from its model.
+    for endpoint in api.ENDPOINTS:
+        operation = doc["paths"][openapi_path(endpoint.route)]["get"]
+        ref = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{endpoint.answer.__name__}"
+        if endpoint.may_be_missing:
+            assert "404" in operation["responses"]
+        if endpoint.query is not None:
+            names = {parameter["name"] for parameter in operation["parameters"]
+                     if parameter["in"] == "query"}
+            assert names == set(endpoint.query.model_fields)
+
+
+async def test_openapi_document_is_served_and_covers_every_api_route(
+    site: Client, site_world: World
+) -> None:
+    response = await site.get("/api/openapi.json")
+    assert response.status == 200 and response.content_type == "application/json"
+    served = await response.json()
+    assert served == document()
+    # Every GET route under /api/ but the document itself (and the deliveries', which belong
+    # to the hook) is described.
+    routes = {openapi_path(resource.canonical) for resource in site.app.router.resources()
+              if resource.canonical.startswith("/api/") and resource.canonical not in
+              ("/api/", "/api/openapi.json", "/api/deliveries/{delivery_id}")}
+    assert routes == set(served["paths"])
+
+
+class Checker:
+    """Validates answers against the document: the schema of (path template, status)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.templates = [(template, re.compile(
+            "^" + re.sub(r"\\\{(\w+)\\\}", lambda m: r"(?P<" + m.group(1) + r">.+)" if
+                         m.group(1) == "name" else r"(?P<" + m.group(1) + r">[^/]+)",
+                         re.escape(template)) + "$"))
+            for template in doc["paths"]]
+        self.checked: dict[tuple[str, int], int] = {}
+
+    def template_of(self, path: str) -> str:
+        bare = path.split("?", 1)[0]
+        found = [template for template, pattern in self.templates if pattern.match(bare)]
+        # /api/sources/{name} matches anything under it; the most specific wins.
+        assert found, f"{bare} is not in the document"
+        return max(found, key=lambda template: len(template.replace("{name}", "")))
+
+    async def get(self, client: Client, path: str, status: int = 200) -> Any:
+        response = await client.get(path)
+        body = await response.json()
+        assert response.status == status, (path, body)
+        template = self.template_of(path)
+        responses = self.doc["paths"][template]["get"]["responses"]
+        assert str(status) in responses, f"{template} does not document {status}"
+        schema = dict(responses[str(status)]["content"]["application/json"]["schema"])
+        schema["components"] = self.doc["components"]
+        jsonschema.Draft202012Validator(
+            schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+        ).validate(body)
+        key = (template, status)
+        self.checked[key] = self.checked.get(key, 0) + 1
+        return body
+
+    async def walk(self, client: Client, path: str) -> int:
+        """Follow ``next`` to the end, checking every page; the number of pages."""
+        pages = 0
+        next_path: str | None = path
+        while next_path:
+            body = await self.get(client, next_path)
+            next_path = body["next"]
+            pages += 1
+        return pages
+
+
+async def test_every_api_answer_matches_the_document(site: Client, site_world: World) -> None:
+    checker = Checker(document())
+    world = site_world
+    await checker.get(site, "/api/summary")
+    await checker.get(site, "/api/workers")
+    for path in ("/api/jobs?limit=1", "/api/jobs?state=running", "/api/jobs?state=failure",
+                 "/api/jobs?repo=openaddresses/openaddresses&pr=7",
+                 "/api/runs?limit=2", "/api/runs?status=open", "/api/runs?status=failure",
+                 f"/api/runs?job={world.jobs['pr']}", f"/api/runs?set={world.sets['open']}",
+                 "/api/runs?source=us/ks/lane&limit=2", "/api/sets?limit=1",
+                 "/api/sources?limit=2", f"/api/sets/{world.sets['open']}?limit=2",
+                 f"/api/sets/{world.sets['open']}?state=success",
+                 f"/api/sets/{world.sets['open']}?problem=download_failed",
+                 "/api/sources/us/ks/lane?limit=2"):
+        assert await checker.walk(site, path) >= 1
+    for job_id in world.jobs.values():
+        await checker.get(site, f"/api/jobs/{job_id}")
+    for run_id in world.runs.values():
+        await checker.get(site, f"/api/runs/{run_id}")
+    for set_id in world.sets.values():
+        await checker.get(site, f"/api/sets/{set_id}")
+    for name in ("us/ca/alameda", "zz/xss", "us/ks/new", "us/wa/skip"):
+        await checker.get(site, f"/api/sources/{name}")
+    # Errors: 404 for what is not there, 400 for a bad parameter (named).
+    for path in ("/api/jobs/987654", "/api/runs/987654", "/api/sets/987654",
+                 "/api/sources/xx/nowhere"):
+        await checker.get(site, path, status=404)
+    for path in ("/api/jobs?state=lost", "/api/runs?limit=500", "/api/sets?before=0",
+                 f"/api/sets/{world.sets['open']}?after=x", "/api/sources?limit=abc",
+                 "/api/sources/us/ks/lane?before=-1", "/api/runs?job=1&source=us/x"):
+        await checker.get(site, path, status=400)
+    # Every path of the document was answered and checked, with a 200 each.
+    assert {template for template, status in checker.checked if status == 200} == \
+        set(document()["paths"])
