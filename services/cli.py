@@ -16,20 +16,85 @@ if TYPE_CHECKING:
     from shared.config import Settings
 
 SERVICES = ("webhook", "worker", "dequeuer", "scheduler")
+SERVICE_SENTENCES = {
+    "webhook": "Serve GitHub's webhook deliveries (POST /hook), the results site and its JSON "
+               "API, and the health and metrics routes on HTTP_HOST:HTTP_PORT.",
+    "worker": "Take run tasks from RabbitMQ, run each in an isolated child process, store its "
+              "outputs and report the result.",
+    "dequeuer": "Settle the results workers report, post commit statuses to GitHub, queue runs "
+                "again whose worker was lost, and feed the batch sets.",
+    "scheduler": "Run the schedule (batch sets, collections, clean-up) while leading; other "
+                 "schedulers wait to take over.",
+}
+SERVICE_VARIABLES = {
+    "webhook": ("DATABASE_URL", "AMQP_URL", "STORAGE_URL", "GITHUB_API_URL", "GITHUB_TOKEN",
+                "WEBHOOK_SECRETS", "PUBLIC_BASE_URL", "HTTP_HOST", "HTTP_PORT"),
+    "worker": ("AMQP_URL", "STORAGE_URL", "WORK_DIR", "WORKER_CONCURRENCY", "RUN_TIMEOUT_S",
+               "RUN_MEMORY_BYTES", "WORKER_GRACE_S", "METRICS_PORT"),
+    "dequeuer": ("DATABASE_URL", "AMQP_URL", "GITHUB_API_URL", "GITHUB_TOKEN",
+                 "PUBLIC_BASE_URL", "RUN_LEASE_S", "METRICS_PORT"),
+    "scheduler": ("DATABASE_URL", "AMQP_URL", "GITHUB_API_URL", "GITHUB_TOKEN",
+                  "SOURCES_REPOSITORY", "SCHEDULE_BATCH", "SCHEDULE_COLLECTIONS",
+                  "SCHEDULE_CLEAN_UP", "METRICS_PORT"),
+}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="oa-machine", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parsers = {name: commands.add_parser(name, help=f"run the {name} service") for name in SERVICES}
+#: Printed under every command's options: where the rest of the settings are.
+_SETTINGS_NOTE = "every setting, with its default and what it does: .env.example"
+_LOGS = ("LOG_FORMAT", "LOG_LEVEL")
+
+
+def _reads(*variables: str) -> str:
+    """The epilog naming the environment variables a command reads (tested against Settings)."""
+    return f"environment: {', '.join((*variables, *_LOGS))}; {_SETTINGS_NOTE}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every subcommand with a one-sentence description, the
+    environment variables it reads, and help for every option."""
+    from services.worker.version import CODE_VERSION
+
+    parser = argparse.ArgumentParser(
+        prog="oa-machine", description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog=f"Settings are environment variables; {_SETTINGS_NOTE}.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {CODE_VERSION}",
+                        help="print the version and exit")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND",
+        help="what to do; `oa-machine COMMAND --help` describes each",
+    )
+    parsers = {
+        name: commands.add_parser(
+            name, help=f"run the {name} service", description=SERVICE_SENTENCES[name],
+            epilog=_reads(*SERVICE_VARIABLES[name]),
+        )
+        for name in SERVICES
+    }
     parsers["worker"].add_argument(
         "--once", action="store_true", help="exit after one run (one run per pod)"
     )
-    commands.add_parser("up", help="run every service (demo mode without GITHUB_TOKEN)")
-    commands.add_parser("migrate", help="create the database if needed and apply migrations")
+    commands.add_parser(
+        "up", help="run every service (demo mode without GITHUB_TOKEN)",
+        description="Migrate the database, then run the four services as child processes "
+                    "with prefixed logs until Ctrl-C; without GITHUB_TOKEN it plays GitHub "
+                    "and a data provider and pushes the demo sources.",
+        epilog=_reads("DATABASE_URL", "AMQP_URL", "STORAGE_URL", "GITHUB_TOKEN",
+                      "WEBHOOK_SECRETS", "HTTP_HOST", "HTTP_PORT", "METRICS_PORT",
+                      "RABBITMQ_MANAGEMENT_URL"),
+    )
+    commands.add_parser(
+        "migrate", help="create the database if needed and apply migrations",
+        description="Create the database of DATABASE_URL if it is missing and apply the "
+                    "migrations not applied yet.",
+        epilog=_reads("DATABASE_URL"),
+    )
     dead = commands.add_parser(
         "dead-letters",
         help="count the messages in the dead queue by where they died; --replay puts them back",
+        description="Count the messages in the dead queue by the queue they died in, or with "
+                    "--replay send each back to where it died from.",
+        epilog=_reads("AMQP_URL"),
     )
     dead.add_argument(
         "--replay", action="store_true",
@@ -39,10 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     enqueue = commands.add_parser(
         "enqueue-sources",
         help="make a batch set of every source entry now (as the weekly slot does)",
-        description="List sources/**/*.json at the head of SOURCES_REPOSITORY's default branch, "
-                    "read the files changed since they were last read, and make a set with one "
-                    "run per layer entry, which the dequeuer feeds to the workers. Prints the "
+        description="Make a batch set of every source entry now, as the weekly slot does: "
+                    "list sources/**/*.json at the head of SOURCES_REPOSITORY's default "
+                    "branch, read the files changed since they were last read, and make one "
+                    "run per layer entry, which the dequeuer feeds to the workers; prints the "
                     "set's id and run count.",
+        epilog=_reads("DATABASE_URL", "AMQP_URL", "GITHUB_API_URL", "GITHUB_TOKEN",
+                      "SOURCES_REPOSITORY", "BATCH_REUSE_DAYS"),
     )
     enqueue.add_argument(
         "--only", metavar="PATH_GLOB", default=None,
@@ -61,28 +129,46 @@ def main(argv: list[str] | None = None) -> None:
     clean = commands.add_parser(
         "clean-up",
         help="apply the retention rules now (as the weekly slot does)",
-        description="Delete the stored outputs of runs outside the retention rules (each "
-                    "entry's latest good run, its last RETENTION_RUNS runs and one run per "
-                    "month are kept), storage objects no run refers to, and delivery payloads "
-                    "and sent statuses older than RETENTION_DAYS. Prints what it did as JSON.",
+        description="Apply the retention rules now, as the weekly slot does: delete the "
+                    "stored outputs of runs outside them (each entry's latest good run, its "
+                    "last RETENTION_RUNS runs and one run per month are kept), storage "
+                    "objects no run refers to, and delivery payloads and sent statuses older "
+                    "than RETENTION_DAYS; prints what it did as JSON.",
+        epilog=_reads("DATABASE_URL", "STORAGE_URL", "S3_ENDPOINT_URL", "RETENTION_RUNS",
+                      "RETENTION_DAYS"),
     )
     clean.add_argument(
         "--dry-run", action="store_true", help="say what would be deleted; delete nothing"
     )
-    one = commands.add_parser("process-one", help="process one source entry into a folder")
+    one = commands.add_parser(
+        "process-one", help="process one source entry into a folder",
+        description="Process one layer entry of a source file into OUTDIR, as a worker "
+                    "would but with no broker or database, and print the path of its "
+                    "index.json (exit 1 if the run failed); progress is shown on a terminal.",
+        epilog=_reads("RUN_TIMEOUT_S", "RUN_MEMORY_BYTES", "MAX_DOWNLOAD_BYTES",
+                      "MAX_UNPACKED_BYTES"),
+    )
     one.add_argument("source", help="path of the source JSON file")
     one.add_argument("outdir", help="folder for the outputs")
-    one.add_argument("--layer", default="addresses")
+    one.add_argument("--layer", default="addresses",
+                     help="the layer of the entry (default: addresses)")
     one.add_argument("--name", default=None, help="entry name (default: the layer's first)")
+    one.add_argument(
+        "--data-url", metavar="URL", default=None,
+        help="what {data_url} in the source stands for, a folder's URL (default: the "
+             "bundled demo data, so that the demo sources run as they are)",
+    )
     check = commands.add_parser(
         "check-sources",
         help="check source files as a pull request would be checked (no network); "
              "exit 1 on any problem",
-        description="Parse, upgrade and validate every source file given (folders are searched "
-                    "for *.json, inside their sources/ folder when they have one), compile "
-                    "every conform against the fields it names and run every inline "
-                    "acceptance test. Prints one line per problem and a summary; exits 1 on "
-                    "any problem.",
+        description="Check source files as a pull request would be checked, without the "
+                    "network: parse, upgrade and validate every file given (folders are "
+                    "searched for *.json, inside their sources/ folder when they have one), "
+                    "compile every conform against the fields it names and run every inline "
+                    "acceptance test; prints one line per problem and a summary, and exits 1 "
+                    "on any problem.",
+        epilog="environment: none (no settings are read)",
     )
     check.add_argument(
         "paths", nargs="+", metavar="PATH",
@@ -97,6 +183,11 @@ def main(argv: list[str] | None = None) -> None:
         "--jobs", type=int, default=None, metavar="N",
         help="processes to check with (default: one per available core)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "check-sources":
         sys.exit(_check_sources(args.paths, as_json=args.json, jobs=args.jobs))
@@ -149,7 +240,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         def run(settings: Settings) -> None:
             nonlocal code
-            code = process_one(settings, args.source, args.outdir, args.layer, args.name)
+            code = process_one(settings, args.source, args.outdir, args.layer, args.name,
+                               data_url=args.data_url)
 
         start("process-one", run)
         sys.exit(code)

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/oamachine"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: RabbitMQ's management UI (`rabbitmq-plugins enable rabbitmq_management`): `oa-machine
+    #: up` prints this address once it answers there, and says nothing when it does not.
+    rabbitmq_management_url: str = "http://127.0.0.1:15672/"
     storage_url: str = DEFAULT_STORAGE_URL
     s3_endpoint_url: str | None = None
 

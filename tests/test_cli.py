@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 import uuid
+from importlib.metadata import version
 from pathlib import Path
 
 import asyncpg
@@ -120,3 +123,62 @@ def test_process_one_with_a_missing_file_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("oa-machine process-one:")
     assert "nope.json" in result.stderr
+
+
+# --- help and version ---------------------------------------------------------------------------
+
+SUBCOMMANDS = ("webhook", "worker", "dequeuer", "scheduler", "up", "migrate", "dead-letters",
+               "enqueue-sources", "clean-up", "process-one", "check-sources")
+
+
+def test_subcommands_are_the_parsers() -> None:
+    from services.cli import build_parser
+
+    (commands,) = [action for action in build_parser()._actions
+                   if isinstance(action, argparse._SubParsersAction)]
+    assert tuple(commands.choices) == SUBCOMMANDS
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    from services.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions
+                   if isinstance(action, argparse._SubParsersAction)]
+    for name, command in [("oa-machine", parser), *commands.choices.items()]:
+        for action in command._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_says_what_a_command_does_and_what_it_reads(command: str) -> None:
+    from shared.config import Settings
+
+    result = oa_machine(command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    description = text.split(" options: ")[0].split(" positional arguments: ")[0]
+    # usage: ... then one sentence, ending where the arguments begin.
+    sentence = description.rsplit("] ", 1)[-1] if "[" in description else description
+    assert sentence.count(". ") == 0 and sentence.rstrip().endswith("."), sentence
+    environment = text.split(" environment: ", 1)[1]
+    if command == "check-sources":
+        assert environment.startswith("none")
+        return
+    assert environment.endswith("every setting, with its default and what it does: .env.example")
+    named = environment.split(";")[0].split(", ")
+    assert named and set(named) <= {name.upper() for name in Settings.model_fields}, named
+
+
+def test_top_level_help_points_to_the_settings() -> None:
+    result = oa_machine("--help")
+    assert result.returncode == 0
+    assert ".env.example" in result.stdout
+    assert "--version" in result.stdout
+
+
+def test_version_is_the_installed_package_version() -> None:
+    result = oa_machine("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"oa-machine {version('oa-machine')}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", version("oa-machine"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from services.demo import DATA_DIR, with_data_url
 from services.demo.github import GitHubStandIn
 
 HERE = Path(__file__).parent
@@ -57,12 +58,11 @@ def demo_source_paths() -> list[str]:
 
 async def start_stand_ins() -> DemoStandIns:
     """Start the data server and GitHub stand-in holding the demo sources at a fresh commit."""
-    data_runner, data_url = await start_data_server(HERE / "data")
+    data_runner, data_url = await start_data_server(DATA_DIR)
     sha = hashlib.sha1(uuid.uuid4().bytes).hexdigest()
     github = GitHubStandIn()
     for path in demo_source_paths():
-        text = (HERE / path).read_text().replace("{data_url}", data_url)
-        github.add_file(DEMO_REPO, path, sha, text.encode())
+        github.add_file(DEMO_REPO, path, sha, with_data_url((HERE / path).read_bytes(), data_url))
     await github.start()
     return DemoStandIns(github, data_runner, data_url, sha, secrets.token_hex(20))
 

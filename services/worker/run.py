@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -31,6 +32,7 @@ from services.worker.conform.readers import open_reader
 from services.worker.conform.writers import CSV_NAME, GEOJSON_NAME, OutputSummary, OutputWriter
 from services.worker.errors import RunError
 from services.worker.isolation import RunRequest
+from services.worker.progress import SILENT, Progress, TerminalProgress
 from services.worker.sources.archive import unpack
 from services.worker.sources.fetch import Conditional, Download, SizeLimits, fetch
 from services.worker.sources.guard import UrlPolicy
@@ -60,6 +62,14 @@ _M_ARENA_MAX, _ARENA_MAX = -8, 2
 def run_entry(request: RunRequest) -> RunState:
     """Process the request's entry into ``request.outdir``; never raises a RunError."""
     started = time.monotonic()
+    progress = TerminalProgress(sys.stderr) if request.progress else SILENT
+    try:
+        return _run(request, progress, started)
+    finally:
+        progress.close()
+
+
+def _run(request: RunRequest, progress: Progress, started: float) -> RunState:
     outdir, workdir = Path(request.outdir), Path(request.workdir)
     state = _initial_state(request)
     try:
@@ -78,15 +88,17 @@ def run_entry(request: RunRequest) -> RunState:
         if not isinstance(conform, Mapping):
             raise RunError("the source entry has no conform section", "missing_conform")
         _acceptance(state, entry)
-        download = _download(request, entry, conform, workdir, state)
+        progress.stage("download")
+        download = _download(request, entry, conform, workdir, state, progress)
         if request.previous and (download.not_modified or _same_data(request.previous, download)):
             return _reused(state, request.previous, download)
         _keep_cache(download, outdir, state)
+        progress.stage("unpack")
         data_path = unpack(
             download.path, conform, workdir / "unpacked",
             compression=entry.get("compression"), max_unpacked_bytes=request.max_unpacked_bytes,
         )
-        summary = _conform(request, conform, data_path, outdir, state)
+        summary = _conform(request, conform, data_path, outdir, state, progress)
         if summary.feature_count == 0:
             raise RunError("the data has no features with usable coordinates", "no_features")
     except RunError as exc:
@@ -142,6 +154,7 @@ def _download(
     conform: Mapping[str, Any],
     workdir: Path,
     state: RunState,
+    progress: Progress,
 ) -> Download:
     previous = request.previous or {}
     conditional = None
@@ -153,18 +166,17 @@ def _download(
     protocol = str(entry.get("protocol", "")).lower()
     out_fields = sorted(referenced_fields(conform)) if protocol == "esri" else None
     started = time.monotonic()
-    with _progress(request.progress, "download", "B") as tick:
-        download = fetch(
-            entry, workdir / "download",
-            policy=UrlPolicy(allow_files=request.allow_files, allow_private=request.allow_private),
-            conditional=conditional, out_fields=out_fields, progress=tick,
-            limits=SizeLimits(
-                max_download_bytes=request.max_download_bytes,
-                max_unpacked_bytes=request.max_unpacked_bytes,
-            ),
-            user_agent=request.user_agent, esri_host_limit=request.esri_host_limit,
-            host_slots_dir=Path(request.host_slots_dir) if request.host_slots_dir else None,
-        )
+    download = fetch(
+        entry, workdir / "download",
+        policy=UrlPolicy(allow_files=request.allow_files, allow_private=request.allow_private),
+        conditional=conditional, out_fields=out_fields, progress=progress.downloaded,
+        limits=SizeLimits(
+            max_download_bytes=request.max_download_bytes,
+            max_unpacked_bytes=request.max_unpacked_bytes,
+        ),
+        user_agent=request.user_agent, esri_host_limit=request.esri_host_limit,
+        host_slots_dir=Path(request.host_slots_dir) if request.host_slots_dir else None,
+    )
     state.cache_time = round(time.monotonic() - started, 3)
     # The data's version is the day it was downloaded, as in the reference's state.
     state.version = datetime.now(UTC).strftime("%Y%m%d")
@@ -221,6 +233,7 @@ def _conform(
     data_path: Path,
     outdir: Path,
     state: RunState,
+    progress: Progress,
 ) -> OutputSummary:
     terms = attribution(request.source, get_entry(request.source, request.layer,
                                                   request.entry_name))
@@ -243,14 +256,17 @@ def _conform(
         # Three stages on their own threads: reading (Arrow's CSV parser, OGR), conforming
         # and writing (whose sinks add file and deflate threads). Arrow and NumPy kernels
         # release the GIL, so the stages overlap; short queues keep memory flat.
-        raw = _in_thread(_rebatched(reader.batches(), BATCH_ROWS), "read")
-        with _progress(request.progress, "conform", " features") as tick, raw:
+        progress.stage("conform")
+        raw = _in_thread(_rebatched(_counted(reader.batches(), progress), BATCH_ROWS), "read")
+        with raw:
             done = 0
             with _in_thread(conformed(raw), "conform") as stage:
                 for out, rows in stage:
                     writer.write(out)
                     done += rows
-                    tick(done)
+                    progress.conformed(done)
+        # Finishing the files: the zip's end, the preview.
+        progress.stage("write")
         summary = writer.close()
     state.feature_count = summary.feature_count
     if request.layer == "addresses":
@@ -294,6 +310,14 @@ def _return_freed_memory() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
         libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
         libc.mallopt(_M_ARENA_MAX, _ARENA_MAX)
+
+
+def _counted(batches: Iterator[pa.RecordBatch], progress: Progress) -> Iterator[pa.RecordBatch]:
+    rows = 0
+    for batch in batches:
+        rows += batch.num_rows
+        progress.read(rows)
+        yield batch
 
 
 def _rebatched(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -374,19 +398,3 @@ def _write_sample(batch: pa.RecordBatch, path: Path) -> None:
     head = batch.slice(0, SAMPLE_ROWS)
     rows = [[head.column(name)[i].as_py() for name in names] for i in range(head.num_rows)]
     path.write_text(json.dumps([names, *rows], ensure_ascii=False))
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, label: str, unit: str) -> Iterator[Any]:
-    """A tqdm bar on the terminal of `process-one`; a no-op callback elsewhere."""
-    if not enabled:
-        yield lambda _total: None
-        return
-    from tqdm import tqdm
-
-    with tqdm(desc=label, unit=unit.strip() or "B", unit_scale=True, leave=True) as bar:
-
-        def tick(total: int) -> None:
-            bar.update(total - bar.n)
-
-        yield tick

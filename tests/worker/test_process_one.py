@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import copy
 import csv
+import fcntl
 import io
 import json
 import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.worker import fidelity
 
@@ -176,3 +183,90 @@ def test_every_fidelity_gap_of_the_real_sources_runs(tmp_path: Path) -> None:
     index = json.loads((outdir / "index.json").read_text())
     fidelity.check_outputs((outdir / "out.csv").read_text(), index)
     assert index["source"] == "us/oh/city_of_perrysburg"
+
+
+# --- the demo sources -----------------------------------------------------------------------------
+
+DEMO_SOURCES = sorted((ROOT / "services" / "demo" / "sources").rglob("*.json"))
+
+
+def test_there_are_demo_sources() -> None:
+    assert [path.name for path in DEMO_SOURCES] == ["harbor_town.json", "river_city.json"]
+
+
+@pytest.mark.parametrize("source", DEMO_SOURCES, ids=lambda path: path.stem)
+def test_each_demo_source_runs_as_it_is(source: Path, tmp_path: Path) -> None:
+    # {data_url} in the source stands for the bundled demo data by default.
+    result = process_one(source, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    data_rows = len((ROOT / "services" / "demo" / "data" / f"{source.stem}.csv")
+                    .read_text().splitlines()) - 1
+    assert index["source problem"] is None
+    assert index["feature count"] + index["dropped rows"] == data_rows > 0
+
+
+def test_data_url_says_where_the_demo_data_is(tmp_path: Path) -> None:
+    data = tmp_path / "elsewhere"
+    data.mkdir()
+    (data / "harbor_town.csv").write_text(
+        "LON,LAT,NUM,STREET,CITY,ZIP\n-70.58,41.50,1,Harbor Road,Harbor Town,02540\n")
+    source = ROOT / "services" / "demo" / "sources" / "zz" / "demo" / "harbor_town.json"
+    result = process_one(source, tmp_path / "out", "--data-url", data.as_uri())
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["feature count"] == 1
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+HARBOR_TOWN = ROOT / "services" / "demo" / "sources" / "zz" / "demo" / "harbor_town.json"
+
+
+def on_terminal(*args: str | Path) -> tuple[int, str]:
+    """Run process-one with stdout and stderr on a pseudo-terminal (100 x 24); everything it
+    wrote there, carriage returns as they came."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_", "LOG_"))}
+    with subprocess.Popen(
+        [str(OA_MACHINE), "process-one", *map(str, args)], env=env, cwd=ROOT,
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+    ) as process:
+        os.close(slave)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(master)
+        code = process.wait(timeout=120)
+    return code, output.decode()
+
+
+def test_progress_on_a_terminal_and_a_last_line_with_the_counts(tmp_path: Path) -> None:
+    code, output = on_terminal(HARBOR_TOWN, tmp_path / "out")
+    assert code == 0, output
+    screen = output.replace("\r\n", "\n").split("\n")
+    # Each stage's line, as it was left: the last state drawn after its carriage returns.
+    shown = {line.rsplit("\r", 1)[-1].split(":", 1)[0]: line.rsplit("\r", 1)[-1]
+             for line in screen if line}
+    assert re.fullmatch(r"download: 13\.8kB \[\d\d:\d\d, [\d.]+[kMG]?B/s\]", shown["download"])
+    assert re.fullmatch(r"unpack: \d\d:\d\d", shown["unpack"])
+    assert re.fullmatch(r"conform: 240 rows read \([\d.]+k?/s\), 240 conformed \([\d.]+k?/s\)",
+                        shown["conform"])
+    assert re.fullmatch(r"write: \d\d:\d\d", shown["write"])
+    index = tmp_path / "out" / "index.json"
+    state = json.loads(index.read_text())
+    assert screen[-3:] == [
+        str(index), f"240 features, 0 dropped rows, {state['process time']:.1f} s", ""]
+
+
+def test_no_progress_through_a_pipe(tmp_path: Path) -> None:
+    result = process_one(HARBOR_TOWN, tmp_path / "out")
+    assert result.returncode == 0
+    assert result.stdout == f"{tmp_path / 'out' / 'index.json'}\n"
+    assert result.stderr == ""
