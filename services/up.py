@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ import aiohttp
 
 from shared.config import Settings
 from shared.db import migrate
+from shared.logging import configure_logging
 
 SERVICES = ("webhook", "worker", "dequeuer", "scheduler")
 _COLOURS = {"webhook": "36", "worker": "32", "dequeuer": "35", "scheduler": "33"}
@@ -37,6 +39,9 @@ Say = Callable[[str, str], None]
 
 async def up(settings: Settings) -> None:
     """Migrate, start everything, and keep it running until cancelled (Ctrl-C, SIGTERM)."""
+    # One format on the screen: up's own log lines too are console lines behind its prefix,
+    # as the children's are (they get LOG_FORMAT=console below).
+    configure_logging("console", settings.log_level, service="up", handler=SayHandler("up"))
     applied = await migrate(settings.database_url)
     _say("up", f"database ready ({len(applied)} migrations applied now)")
     env = dict(os.environ)
@@ -60,6 +65,8 @@ async def up(settings: Settings) -> None:
     try:
         if demo is not None:
             await _run_demo(settings, demo)
+        if await answers(settings.rabbitmq_management_url):
+            _say("up", f"RabbitMQ management UI at {settings.rabbitmq_management_url}")
         await supervisor.wait()
     finally:
         await supervisor.stop()
@@ -239,6 +246,31 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+
+
+class SayHandler(logging.Handler):
+    """Log records as lines of ``name`` through :func:`_say`, prefix and all."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            for line in self.format(record).splitlines():
+                _say(self.service, line)
+        except Exception:
+            self.handleError(record)
+
+
+async def answers(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status but a server error)."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as reply:
+            return reply.status < 500
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
 
 
 def _say(name: str, text: str) -> None:

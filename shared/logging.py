@@ -17,12 +17,17 @@ LogFormat = Literal["json", "console"]
 
 
 def configure_logging(
-    log_format: LogFormat | None = None, level: str = "info", *, service: str | None = None
+    log_format: LogFormat | None = None,
+    level: str = "info",
+    *,
+    service: str | None = None,
+    handler: logging.Handler | None = None,
 ) -> None:
     """Route structlog and the standard library's logging through one renderer.
 
     ``log_format`` None picks console on a terminal and JSON otherwise (containers).
     ``service`` is bound to every event so the logs of `oa-machine up` can be told apart.
+    ``handler`` is where the rendered lines go (default: stderr); its formatter is replaced.
     """
     chosen: LogFormat = log_format or ("console" if sys.stderr.isatty() else "json")
     numeric_level = logging.getLevelName(level.upper())
@@ -48,7 +53,7 @@ def configure_logging(
         foreign_pre_chain=shared_processors,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = handler if handler is not None else logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
