@@ -22,6 +22,8 @@ import asyncpg
 
 from services.scheduler.batch import make_set
 from services.scheduler.cleanup import clean_up
+from services.scheduler.collect import collect
+from services.scheduler.coverage import draw_if_due
 from services.scheduler.leader import acquire_leadership, holds_leadership
 from shared.config import Settings
 from shared.db import create_pool, migrate
@@ -102,6 +104,7 @@ class Scheduler:
             while await holds_leadership(conn):
                 if self.pool is not None:
                     await self.keep_schedule()
+                    await self.draw_maps()
                 await asyncio.sleep(self.poll_s)
             log.warning("scheduler.lost_leadership")
         finally:
@@ -174,8 +177,28 @@ class Scheduler:
         bound.info(f"slot.{outcome}", detail=detail)
         return outcome
 
+    async def draw_maps(self) -> int | None:
+        """Draw the coverage maps if a set finished since they were last drawn; returns the
+        set's id. A failure is logged and tried again at the next poll."""
+        assert self.pool is not None
+        if self.storage is None:
+            return None
+        try:
+            return await draw_if_due(self.pool, self.storage)
+        except Exception as exc:
+            if is_outage(exc) and not isinstance(exc, OSError | TimeoutError):
+                raise  # the database went away: waited out like any other outage
+            log.exception("coverage.failed", error=repr(exc))
+            return None
+
     def _actions(self) -> dict[str, Callable[[Slot], Awaitable[str]]]:
-        return {"batch": self._batch, "clean-up": self._clean_up}
+        return {"batch": self._batch, "collections": self._collections,
+                "clean-up": self._clean_up}
+
+    async def _collections(self, _slot: Slot) -> str:
+        assert self.pool is not None and self.storage is not None
+        built = await collect(self.pool, self.storage)
+        return f"{len(built)} zips, {sum(b.size_bytes for b in built)} bytes"
 
     async def _batch(self, slot: Slot) -> str:
         assert self.pool is not None and self.github is not None

@@ -46,11 +46,11 @@ async def test_first_slots_are_recorded_then_each_due_slot_runs_once(
         ("clean-up:2026-11-29T05:00:00+00:00", "skipped"),
     ]
     assert await one.keep_schedule(utc(2026, 12, 2, 10, 30)) == []
-    # Sunday after 05:00: the clean-up runs (once, however often the leader looks); the
-    # collections slot of the 5th is recorded as not built yet.
+    # Sunday after 05:00: the clean-up runs (once, however often the leader looks); so does
+    # the collections slot of the 5th (no good run yet: no zip).
     sunday = utc(2026, 12, 6, 5, 0, 10)
     assert await one.keep_schedule(sunday) == [
-        ("collections:2026-12-05T03:00:00+00:00", "skipped"),
+        ("collections:2026-12-05T03:00:00+00:00", "done"),
         ("clean-up:2026-12-06T05:00:00+00:00", "done"),
     ]
     assert await one.keep_schedule(utc(2026, 12, 6, 5, 0, 40)) == []
@@ -61,9 +61,9 @@ async def test_first_slots_are_recorded_then_each_due_slot_runs_once(
         "SELECT * FROM schedule_runs WHERE slot_id = 'clean-up:2026-12-06T05:00:00+00:00'")
     assert row["outcome"] == "done" and row["finished_at"] >= row["started_at"]
     assert "runs_purged 0" in row["detail"]
-    skipped = await db_pool.fetchval(
+    collections = await db_pool.fetchval(
         "SELECT detail FROM schedule_runs WHERE slot_id = 'collections:2026-12-05T03:00:00+00:00'")
-    assert skipped == "collections is not built yet"
+    assert collections == "0 zips, 0 bytes"
 
 
 async def test_a_slot_its_leader_died_in_is_taken_again_without_making_a_second_set(
