@@ -140,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument(
         "--dry-run", action="store_true", help="say what would be deleted; delete nothing"
     )
+    from shared.regions import REGIONS
+
+    gather = commands.add_parser(
+        "collect",
+        help="build the regional collections now (as their slot does)",
+        description="Build one zip per region, licence class and layer from every entry's "
+                    "latest good run into STORAGE_URL under collections/, printing each zip's "
+                    "storage key, size in bytes and address count on a line.",
+        epilog=_reads("DATABASE_URL", "STORAGE_URL", "S3_ENDPOINT_URL"),
+    )
+    gather.add_argument(
+        "--region", action="append", choices=REGIONS, metavar="REGION",
+        help=f"only this region (repeatable): {', '.join(REGIONS)}",
+    )
+    gather.add_argument(
+        "--layer", action="append",
+        choices=("addresses", "parcels", "buildings", "centerlines"),
+        help="only this layer (repeatable)",
+    )
+    gather.add_argument(
+        "--maps", action="store_true", help="draw the coverage maps too and print their keys",
+    )
     one = commands.add_parser(
         "process-one", help="process one source entry into a folder",
         description="Process one layer entry of a source file into OUTDIR, as a worker "
@@ -231,6 +253,11 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         start("clean-up", lambda settings: asyncio_run(clean_up_now(
             settings, dry_run=args.dry_run)))
+    elif args.command == "collect":
+        from services.scheduler.commands import collect_now
+
+        start("collect", lambda settings: asyncio_run(collect_now(
+            settings, regions=args.region, layers=args.layer, maps=args.maps)))
     elif args.command == "dead-letters":
         start("dead-letters", lambda settings: _dead_letters(settings, replay=args.replay))
     else:

@@ -128,7 +128,7 @@ def test_process_one_with_a_missing_file_exits_1(tmp_path: Path) -> None:
 # --- help and version ---------------------------------------------------------------------------
 
 SUBCOMMANDS = ("webhook", "worker", "dequeuer", "scheduler", "up", "migrate", "dead-letters",
-               "enqueue-sources", "clean-up", "process-one", "check-sources")
+               "enqueue-sources", "clean-up", "collect", "process-one", "check-sources")
 
 
 def test_subcommands_are_the_parsers() -> None:

@@ -1,4 +1,5 @@
-"""The scheduler's work on demand: ``oa-machine enqueue-sources`` and ``oa-machine clean-up``.
+"""The scheduler's work on demand: ``oa-machine enqueue-sources``, ``oa-machine clean-up`` and
+``oa-machine collect``.
 
 Both do exactly what the schedule's slots do (:func:`~services.scheduler.batch.make_set`,
 :func:`~services.scheduler.cleanup.clean_up`), without the leader lock: an operator may start a
@@ -14,9 +15,12 @@ from collections.abc import Callable
 
 from services.scheduler.batch import make_set
 from services.scheduler.cleanup import clean_up
+from services.scheduler.collect import LAYERS, collect
+from services.scheduler.coverage import draw_coverage
 from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.github import GitHub
+from shared.regions import REGIONS
 from shared.sets import set_counts
 from shared.storage import open_storage
 
@@ -90,3 +94,28 @@ async def clean_up_now(
     summary = report.as_dict()
     say(json.dumps(summary))
     return summary
+
+
+async def collect_now(
+    settings: Settings, *, regions: list[str] | None, layers: list[str] | None, maps: bool,
+    say: Callable[[str], None] = print,
+) -> list[str]:
+    """Build the collections (of ``regions`` and ``layers``, default all) as the slot does;
+    say one line per zip written: its storage key, size in bytes and address (feature)
+    count; with ``maps``, draw the coverage maps too and say their keys."""
+    await migrate(settings.database_url)
+    pool = await create_pool(settings.database_url, min_size=0, max_size=2)
+    lines: list[str] = []
+    try:
+        async with open_storage(settings) as storage:
+            built = await collect(pool, storage, regions=regions or REGIONS,
+                                  layers=layers or LAYERS)
+            lines += [f"{b.storage_key}\t{b.size_bytes}\t{b.feature_count}" for b in built]
+            if maps:
+                keys = await draw_coverage(pool, storage)
+                lines += [f"{key}\t{name}" for name, key in keys.items()]
+    finally:
+        await pool.close()
+    for line in lines:
+        say(line)
+    return lines

@@ -272,3 +272,29 @@ def test_plan_orders_and_names() -> None:
     assert collection_name("us_west", "centerlines", True) == (
         "openaddr-collected-us_west-centerlines-sa.zip")
     assert "site_published" in LATEST_GOOD_RUNS
+
+
+async def test_collect_command_prints_key_size_and_count(
+    settings: Any, db_pool: asyncpg.Pool
+) -> None:
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    from services.scheduler.commands import collect_now
+    from shared.storage import LocalStorage
+
+    storage = LocalStorage(Path(urlsplit(settings.storage_url).path))
+    set_id = await db_pool.fetchval(
+        "INSERT INTO sets (created_at, finished_at, status) VALUES ($1, $1, 'done') RETURNING id",
+        T0)
+    seeded = World(db_pool, storage, set_id, 0)
+    await seeded.run("sources/jp/tokyo.json", "city", rows=csv_rows((139.7, 35.6), 7, "X"))
+    said: list[str] = []
+    lines = await collect_now(settings, regions=["asia"], layers=None, maps=True,
+                              say=said.append)
+    assert lines == said
+    key, size, count = said[0].split("\t")
+    assert key.startswith("collections/") and key.endswith("/openaddr-collected-asia.zip")
+    assert int(size) == await storage.size_of(key) and count == "7"
+    assert [line.split("\t")[1] for line in said[1:]] == [
+        "world.png", "us.png", "europe.png", "coverage.geojson"]
