@@ -228,6 +228,7 @@ def settings(database_url: str, amqp_url: str, tmp_path: Path) -> Settings:
         github_token=None,
         allow_private_urls=True,
         work_dir=tmp_path / "work",
-        # A free port each: tests run beside `make run` and beside each other.
+        # Free ports: tests run beside `make run` (8080, 9100...) and beside each other.
+        http_port=_free_port(),
         metrics_port=0,
     )

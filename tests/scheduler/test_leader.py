@@ -127,3 +127,32 @@ async def test_a_leading_serve_keeps_the_lock_until_cancelled(
     finally:
         leading.cancel()
         await other.close()
+
+
+async def test_a_leading_serve_is_not_confused_by_a_leader_of_another_database(
+    settings: Settings, database_url: str
+) -> None:
+    # `make run` (or another checkout) on the same server: its scheduler leads in its own
+    # database, holding the same key. Ours leads in ours all the same, and the checks above
+    # see only ours.
+    from tests.conftest import POSTGRES_SERVER_URL
+
+    other_name = f"{database_url.rsplit('/', 1)[1]}_other"
+    admin = await asyncpg.connect(f"{POSTGRES_SERVER_URL.rstrip('/')}/postgres")
+    await admin.execute(f'CREATE DATABASE "{other_name}"')
+    elsewhere = await asyncpg.connect(f"{POSTGRES_SERVER_URL.rstrip('/')}/{other_name}")
+    ours = await asyncpg.connect(database_url)
+    try:
+        await asyncio.wait_for(acquire_leadership(elsewhere, poll_s=POLL_S), 5)
+        await asyncio.wait_for(acquire_leadership(ours, poll_s=POLL_S), 5)
+        assert await holds_leadership(ours) is True
+        assert await ours.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objid = $1::bigint % 4294967296 AND database = (SELECT oid FROM"
+            " pg_database WHERE datname = current_database())", LEADER_LOCK_KEY,
+        ) == 1
+    finally:
+        await ours.close()
+        await elsewhere.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{other_name}" WITH (FORCE)')
+        await admin.close()
