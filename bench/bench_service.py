@@ -345,8 +345,7 @@ async def bench_hooks(deliveries: int, sources: int) -> None:
                 "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
             }
             webhook = await asyncio.create_subprocess_exec(
-                sys.executable, *os.environ.get("OA_BENCH_WEBHOOK", "-m services webhook").split(),
-                env=env,
+                sys.executable, "-m", "services", "webhook", env=env,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )
             try:

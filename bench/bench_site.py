@@ -270,17 +270,22 @@ def _scans(node: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+async def runs_scans(conn: asyncpg.Connection, text: str, *args: Any) -> list[str]:
+    """How the plan of ``text`` reads ``runs``: ``Index Only Scan using runs_pkey``, ..."""
+    plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {text}", *args))
+    return [
+        f"{node['Node Type']}" + (f" using {node['Index Name']}" if "Index Name" in node
+                                  else "")
+        for node in _scans(plan[0]["Plan"]) if node.get("Relation Name") == "runs"
+    ]
+
+
 async def explain_all(conn: asyncpg.Connection, values: dict[str, Any]) -> dict[str, list[str]]:
-    """Each catalogue query's scans of ``runs`` (``Index Only Scan using runs_pkey`` ...)."""
+    """Each catalogue query's scans of ``runs``, with the ``values`` of :func:`samples`."""
     found: dict[str, list[str]] = {}
     for name, query in sorted(CATALOGUE.items()):
-        args = [values[sample] for sample in query.sample]
-        plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query.text}", *args))
-        found[name] = [
-            f"{node['Node Type']}" + (f" using {node['Index Name']}" if "Index Name" in node
-                                      else "")
-            for node in _scans(plan[0]["Plan"]) if node.get("Relation Name") == "runs"
-        ]
+        found[name] = await runs_scans(conn, query.text,
+                                       *[values[sample] for sample in query.sample])
     return found
 
 

@@ -19,6 +19,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
+from services.demo.github import GitHubStandIn, PostedStatus
 from services.webhook.views.headers import FILE_POLICY, PAGE_POLICY
 from services.webhook.views.state import REFERENCE_COLUMNS
 from shared.config import Settings
@@ -640,3 +641,51 @@ async def test_api_page_lists_every_endpoint(site: Client, site_world: World) ->
                  "/api/workers"):
         assert f'<a href="{path}"><code>{path}</code></a>' in text
     assert "<code>/api/jobs/{job_id}</code>" in text
+
+
+# --- The demo's GitHub ------------------------------------------------------------------------
+
+
+async def test_demo_github_page_shows_what_the_stand_in_received(
+    site: Client, site_world: World, site_github: GitHubStandIn
+) -> None:
+    assert "No status yet." in await html(site, "/demo/github")
+    site_github.statuses.append(PostedStatus(
+        repo="openaddresses/openaddresses", sha="b" * 40, state="failure",
+        description="1 of 2 failed: <zz/xss>", target_url=f"{PUBLIC_BASE_URL}/jobs/2",
+        context="openaddresses/hooked"))
+    site_github.comments[41] = ("openaddresses/openaddresses", 7, f"| {XSS} | failed |")
+    text = await html(site, "/demo/github")
+    assert f"<code>{'b' * 10}</code>" in text
+    assert '<span class="badge failure">failure</span>' in text
+    assert "<td>openaddresses/hooked</td>" in text and "1 of 2 failed: &lt;zz/xss&gt;" in text
+    assert f'<a href="{PUBLIC_BASE_URL}/jobs/2">' in text
+    assert "<strong>openaddresses/openaddresses #7</strong> (comment 41)" in text
+    assert f"| {ESCAPED_XSS} | failed |" in text
+    # In demo mode the navigation leads to it.
+    assert '<a href="/demo/github"' in await html(site, "/")
+
+
+async def test_demo_github_page_when_the_stand_in_is_away(
+    site_settings: Settings, site_world: World
+) -> None:
+    away = site_settings.model_copy(update={"github_api_url": "http://127.0.0.1:9"})
+    client = await start_site(away)
+    try:
+        text = await html(client, "/demo/github")
+    finally:
+        await client.close()
+    assert "The GitHub stand-in at http://127.0.0.1:9 did not answer" in text
+
+
+async def test_no_demo_github_page_outside_demo_mode(
+    site_settings: Settings, site_world: World
+) -> None:
+    client = await start_site(site_settings.model_copy(update={"github_token": SecretStr("t")}))
+    try:
+        text = await html(client, "/demo/github", status=404)
+        home = await html(client, "/")
+    finally:
+        await client.close()
+    assert "This is not a demo" in text
+    assert "/demo/github" not in home
