@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.webhook.keys import POOL
+from services.webhook.views.downloads import current_collections
 from services.webhook.views.jobs import list_jobs
 from services.webhook.views.models import Home, JobsQuery
 from services.webhook.views.render import page
@@ -36,4 +37,5 @@ async def home(app: web.Application) -> Home:
 
 async def home_page(request: web.Request) -> web.Response:
     figures = await home(request.app)
-    return page(request, "home.html", title="OpenAddresses Machine", home=figures)
+    return page(request, "home.html", title="OpenAddresses Machine", home=figures,
+                collections=await current_collections(request.app))

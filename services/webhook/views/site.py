@@ -10,6 +10,7 @@ from aiohttp import web
 from services.webhook.views import (
     api,
     demo,
+    downloads,
     files,
     home,
     jobs,
@@ -45,6 +46,10 @@ def add_site_routes(app: web.Application) -> None:
     add("/workers", workers.workers_page)
     add("/latest/set", sets.newest_finished_set)
     add("/latest/run/{tail:.+}", files.latest_run_file)
+    add("/downloads", downloads.downloads_page)
+    add("/latest/collection/{name}", downloads.latest_collection)
+    add("/collections/{stamp}/{name}", downloads.collection_file)
+    add("/coverage/{name}", downloads.coverage_file)
     add("/state.txt", state.state_txt)
     add("/index.json", state.index_json)
     add("/demo/github", demo.demo_github_page)

@@ -21,6 +21,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from services.webhook.keys import POOL, SETTINGS, SITE_CACHE
+from services.webhook.views.downloads import current_collections, current_maps
 from services.webhook.views.sets import SET_NEWEST_FINISHED
 from services.webhook.views.sql import query
 
@@ -98,11 +99,15 @@ async def index_json(request: web.Request) -> web.Response:
     """Where everything machine-readable is (the reference's keys first)."""
     base = request.app[SETTINGS].public_base_url.rstrip("/")
     set_id = await SET_NEWEST_FINISHED.fetchval(request.app[POOL])
+    collections = {c.name: c.as_json(base) for c in await current_collections(request.app)}
+    maps = await current_maps(request.app)
     return web.json_response({
         "run_states_url": f"{base}/state.txt",
         "latest_run_processed_url": f"{base}/latest/run/{{source}}/{{layer}}/{{entry}}.zip",
         "latest_set_url": f"{base}/sets/{set_id}" if set_id is not None else None,
-        "collections": {},
+        "collections": collections,
+        "coverage": {name: base + url for name, url in maps["urls"].items()} if maps else {},
+        "downloads_url": f"{base}/downloads",
         "api_url": f"{base}/api/",
         "openapi_url": f"{base}/api/openapi.json",
         "sources_url": f"{base}/api/sources",
