@@ -33,6 +33,8 @@ from aiohttp import web
 from tests.support.dataserver import AppServer, RecordedRequest
 
 OID = "OBJECTID"
+#: How long after a 429 requests that were already on their way may still arrive.
+RETRY_AFTER_GRACE_S = 0.05
 TOKEN = "secret-token"
 
 
@@ -71,8 +73,10 @@ class FakeLayer:
     #: Every n-th feature query answers 429 with ``Retry-After: retry_after_s`` (0: never).
     throttle_every: int = 0
     retry_after_s: int = 1
-    #: ``"name=value"`` of a query parameter → how many such queries answer HTTP 500 first.
+    #: ``"name=value"`` of a query parameter → how many such queries answer ``fail_status``
+    #: first (503 by default: a page that fails without being too large).
     fail_matching: dict[str, int] = field(default_factory=dict)
+    fail_status: int = 503
     #: ``returnIdsOnly`` is refused when the layer has more ids than this.
     max_ids: int | None = None
     supports_statistics: bool = True
@@ -95,15 +99,15 @@ class FakeArcGIS(AppServer):
         self.peak_in_flight = 0
         self.violations: list[str] = []
         self._in_flight: dict[str, int] = {}
-        #: Host → until when (monotonic) it told clients to stay away.
-        self._retry_after_until: dict[str, float] = {}
+        #: Host → when (monotonic) it last answered with a Retry-After, and until when.
+        self._retry_after: dict[str, tuple[float, float]] = {}
 
     def reset_watch(self, in_flight_limit: int | None = None) -> None:
         """Forget what was seen so far and watch for ``in_flight_limit`` from now on."""
         self.in_flight_limit = in_flight_limit
         self.peak_in_flight = 0
         self.violations = []
-        self._retry_after_until.clear()
+        self._retry_after.clear()
 
     def add_layer(self, name: str, layer: FakeLayer) -> str:
         self.layers[name] = layer
@@ -139,8 +143,10 @@ class FakeArcGIS(AppServer):
     ) -> web.StreamResponse:
         host = request.host
         now = time.monotonic()
-        # A little slack for the clocks of two event loops.
-        if now < self._retry_after_until.get(host, 0.0) - 0.02:
+        sent, until = self._retry_after.get(host, (0.0, 0.0))
+        # Requests sent before the client read the 429 may still arrive just after it; and a
+        # little slack for the clocks of two event loops at the end.
+        if sent + RETRY_AFTER_GRACE_S < now < until - 0.02:
             self.violations.append(f"{host}: a request during Retry-After")
         self._in_flight[host] = in_flight = self._in_flight.get(host, 0) + 1
         self.peak_in_flight = max(self.peak_in_flight, in_flight)
@@ -237,14 +243,14 @@ class FakeArcGIS(AppServer):
             name, _, value = pair.partition("=")
             if left and params.get(name) == value:
                 layer.fail_matching[pair] = left - 1
-                return web.Response(status=500, text="failure on purpose")
+                return web.Response(status=layer.fail_status, text="failure on purpose")
         if layer.error_above is not None and _asked(layer, params) > layer.error_above:
             return web.Response(status=500, text="the page is too large to build in time")
         if layer.error_every and layer.queries_seen % layer.error_every == 0:
             return web.Response(status=500, text="failure on purpose")
         if layer.throttle_every and layer.queries_seen % layer.throttle_every == 0:
-            until = time.monotonic() + layer.retry_after_s
-            self._retry_after_until[request.host] = until
+            now = time.monotonic()
+            self._retry_after[request.host] = (now, now + layer.retry_after_s)
             return web.Response(
                 status=429, text="slow down", headers={"Retry-After": str(layer.retry_after_s)}
             )
