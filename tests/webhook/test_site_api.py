@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import asyncpg
 import jsonschema
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
@@ -97,11 +98,20 @@ class Checker:
         return pages
 
 
-async def test_every_api_answer_matches_the_document(site: Client, site_world: World) -> None:
+async def test_every_api_answer_matches_the_document(
+    site: Client, site_world: World, db_pool: asyncpg.Pool
+) -> None:
     checker = Checker(document())
     world = site_world
     await checker.get(site, "/api/summary")
     await checker.get(site, "/api/workers")
+    await checker.get(site, "/api/schedule")  # no slot recorded yet
+    await db_pool.execute(
+        "INSERT INTO schedule_runs (slot_id, entry, slot_at, outcome, detail, finished_at)"
+        " VALUES ('batch:x', 'batch', now(), 'done', 'set 1', now()),"
+        "        ('collections:x', 'collections', now(), NULL, NULL, NULL)")
+    schedule = await checker.get(site, "/api/schedule")
+    assert [item["last"] is not None for item in schedule["entries"]] == [True, True, False]
     for path in ("/api/jobs?limit=1", "/api/jobs?state=running", "/api/jobs?state=failure",
                  "/api/jobs?repo=openaddresses/openaddresses&pr=7",
                  "/api/runs?limit=2", "/api/runs?status=open", "/api/runs?status=failure",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -638,7 +638,7 @@ async def test_old_addresses_redirect(site: Client, site_world: World) -> None:
 async def test_api_page_lists_every_endpoint(site: Client, site_world: World) -> None:
     text = await html(site, "/api/")
     for path in ("/api/summary", "/api/jobs", "/api/runs", "/api/sets", "/api/sources",
-                 "/api/workers"):
+                 "/api/workers", "/api/schedule"):
         assert f'<a href="{path}"><code>{path}</code></a>' in text
     assert "<code>/api/jobs/{job_id}</code>" in text
 
@@ -689,3 +689,73 @@ async def test_no_demo_github_page_outside_demo_mode(
         await client.close()
     assert "This is not a demo" in text
     assert "/demo/github" not in home
+
+
+# --- The schedule -----------------------------------------------------------------------------
+
+
+async def _slots(pool: asyncpg.Pool) -> None:
+    """A batch slot done last Friday, a collections slot that failed (its detail is text from
+    an exception), clean-up never run."""
+    await pool.execute(
+        """
+        INSERT INTO schedule_runs (slot_id, entry, slot_at, started_at, finished_at, outcome,
+                                   detail)
+        VALUES ('batch:2026-11-27T12:00:00+00:00', 'batch', '2026-11-27 12:00+00',
+                '2026-11-27 12:00:01+00', '2026-11-27 12:00:09+00', 'done', 'set 12'),
+               ('batch:2026-11-20T12:00:00+00:00', 'batch', '2026-11-20 12:00+00',
+                '2026-11-20 12:00:01+00', '2026-11-20 12:00:09+00', 'done', 'set 11'),
+               ('collections:2026-12-03T03:00:00+00:00', 'collections', '2026-12-03 03:00+00',
+                '2026-12-03 03:00:02+00', '2026-12-03 03:01:00+00', 'failed',
+                'storage said <b>no</b>')
+        """)
+
+
+async def test_schedule_api(
+    site_settings: Settings, site_world: World, db_pool: asyncpg.Pool
+) -> None:
+    await _slots(db_pool)
+    client = await start_site(site_settings.model_copy(update={"schedule_clean_up": "off"}))
+    try:
+        answer = await json_of(client, "/api/schedule")
+    finally:
+        await client.close()
+    entries = {item["entry"]: item for item in answer["entries"]}
+    assert list(entries) == ["batch", "collections", "clean-up"]
+    batch = entries["batch"]
+    assert batch["cron"] == site_settings.schedule_batch == "0 12 * * 5"
+    # The latest slot recorded, with its outcome; the next slot after now (a Friday, 12:00).
+    assert batch["last"]["slot_id"] == "batch:2026-11-27T12:00:00+00:00"
+    assert (batch["last"]["outcome"], batch["last"]["detail"]) == ("done", "set 12")
+    following = datetime.fromisoformat(batch["next"])
+    assert following > datetime.fromisoformat(answer["now"])
+    assert (following.weekday(), following.hour, following.minute) == (4, 12, 0)
+    assert following - datetime.fromisoformat(answer["now"]) <= timedelta(days=7)
+    assert entries["collections"]["last"]["outcome"] == "failed"
+    assert entries["clean-up"] == {"entry": "clean-up", "cron": "off", "last": None,
+                                   "next": None}
+
+
+async def test_schedule_on_the_home_page(
+    site: Client, site_world: World, db_pool: asyncpg.Pool
+) -> None:
+    before = await html(site, "/")
+    table = before[before.index('<table id="schedule">'):]
+    table = table[:table.index("</table>")]
+    assert "<td>batch</td>" in table and "<code>0 12 * * 5</code>" in table
+    assert table.count("<td>—</td>") == 3  # nothing recorded yet
+    await _slots(db_pool)
+    text = await html(site, "/")
+    table = text[text.index('<table id="schedule">'):]
+    table = table[:table.index("</table>")]
+    rows = table.split("<tr>")[2:]
+    assert [row.split("</td>")[0].strip().removeprefix("<td>") for row in rows] == [
+        "batch", "collections", "clean-up"]
+    assert '2026-11-27 12:00 UTC</time> <span class="badge done">done</span>' in rows[0]
+    assert '<span class="file">set 12</span>' in rows[0]
+    assert '<span class="badge failed">failed</span>' in rows[1]
+    assert "storage said &lt;b&gt;no&lt;/b&gt;" in rows[1]
+    assert "<td>—</td>" in rows[2]
+    for row in rows:  # every entry is on, with a next slot
+        assert re.search(r'<td><time datetime="[0-9T:+-]+">\d{4}-\d\d-\d\d \d\d:\d\d UTC'
+                         r"</time></td>\s*</tr>", row), row

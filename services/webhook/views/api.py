@@ -17,7 +17,7 @@ import pydantic
 from aiohttp import web
 
 from services.webhook.keys import POOL
-from services.webhook.views import home, jobs, runs, sets, sources, workers
+from services.webhook.views import home, jobs, runs, schedule, sets, sources, workers
 from services.webhook.views.models import (
     Home,
     JobDetail,
@@ -27,6 +27,7 @@ from services.webhook.views.models import (
     RunDetail,
     RunList,
     RunsQuery,
+    Schedule,
     SetDetail,
     SetList,
     SetRunsQuery,
@@ -127,6 +128,10 @@ async def _workers(request: web.Request) -> Workers:
     return await workers.workers(request.app)
 
 
+async def _schedule(request: web.Request) -> Schedule:
+    return await schedule.schedule(request.app)
+
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/api/summary", "summary", "The home page's figures", Home, _summary),
     Endpoint("/api/jobs", "jobs", "Jobs, newest first", JobList, _jobs, JobsQuery),
@@ -142,6 +147,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/api/sources/{name:.+}", "source", "A source's entries and its runs, newest "
              "first", SourceDetail, _source, SourceRunsQuery, may_be_missing=True),
     Endpoint("/api/workers", "workers", "Workers and queue depths", Workers, _workers),
+    Endpoint("/api/schedule", "schedule", "The scheduler's entries: cron expression (UTC), "
+             "last slot and its outcome, next slot", Schedule, _schedule),
 )
 
 

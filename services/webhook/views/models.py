@@ -319,6 +319,34 @@ class Home(_Model):
     recent_jobs: list[Job]
 
 
+class ScheduleSlot(_Model):
+    """One slot the scheduler claimed: when it was due, when it ran, what came of it."""
+
+    slot_id: str = Field(description="The entry and the slot's time in UTC, e.g. "
+                                     "batch:2026-12-04T12:00:00+00:00")
+    slot_at: datetime
+    started_at: datetime
+    finished_at: datetime | None = Field(description="Null while it runs (or if cut off)")
+    outcome: Literal["done", "failed", "skipped"] | None
+    detail: str | None
+
+
+class ScheduleEntry(_Model):
+    """One thing the scheduler does (batch sets, collections, clean-up), and when."""
+
+    entry: str
+    cron: str = Field(description="A cron expression in UTC, or off")
+    last: ScheduleSlot | None = Field(description="The last slot recorded; null if none yet")
+    next: datetime | None = Field(description="The next slot; null when the entry is off")
+
+
+class Schedule(_Model):
+    """The scheduler's entries, as of ``now``."""
+
+    now: datetime
+    entries: list[ScheduleEntry]
+
+
 # --- Query strings ----------------------------------------------------------------------------
 # Pages and the API read the same parameters; ``params.parse`` validates them (400 otherwise).
 
