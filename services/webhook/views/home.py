@@ -1,5 +1,6 @@
 """The home page (``/``): the totals (sources, addresses in the latest good runs, runs today),
-the latest set's progress and success rate, the recent jobs, and where everything else is."""
+the latest set's progress and success rate, the schedule, the recent jobs, and where everything
+else is."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from services.webhook.views.downloads import current_collections
 from services.webhook.views.jobs import list_jobs
 from services.webhook.views.models import Home, JobsQuery
 from services.webhook.views.render import page
+from services.webhook.views.schedule import schedule
 from services.webhook.views.sets import latest_set
 from services.webhook.views.sql import query
 
@@ -38,4 +40,5 @@ async def home(app: web.Application) -> Home:
 async def home_page(request: web.Request) -> web.Response:
     figures = await home(request.app)
     return page(request, "home.html", title="OpenAddresses Machine", home=figures,
+                schedule=await schedule(request.app),
                 collections=await current_collections(request.app))
