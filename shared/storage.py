@@ -25,7 +25,7 @@ import contextlib
 import os
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,9 +46,11 @@ CHUNK_BYTES = 1024 * 1024
 MULTIPART_THRESHOLD_BYTES = 100 * 1024 * 1024
 #: 64 MiB parts allow files of up to 640 GB within S3's 10 000-part limit.
 MULTIPART_PART_BYTES = 64 * 1024 * 1024
-#: Parts of an upload written as it goes (:meth:`Storage.open_upload`): two are in memory at
-#: once (one being sent, one filling), and 10 000 of them allow 160 GB.
-UPLOAD_PART_BYTES = 16 * 1024 * 1024
+#: First parts of an upload written as it goes (:meth:`Storage.open_upload`): two are in memory
+#: at once (one being sent, one filling). The part size doubles every 1,000 parts, so S3's
+#: 10,000 parts hold any size (8 GB within the first 1,000).
+UPLOAD_PART_BYTES = 8 * 1024 * 1024
+_PARTS_PER_SIZE = 1000
 #: S3 refuses smaller parts, but for the last.
 S3_MIN_PART_BYTES = 5 * 1024 * 1024
 _TMP_PREFIX = ".oa-tmp-"
@@ -120,7 +122,7 @@ class Storage(ABC):
         """The object's size in bytes; :class:`NotFound` if missing."""
 
     @abstractmethod
-    def stream_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+    def stream_range(self, key: str, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         """``length`` bytes from ``offset`` in chunks (fewer if the object ends first), e.g.
         one member of a zip; :class:`NotFound` on the first iteration if the key is missing."""
 
@@ -128,6 +130,13 @@ class Storage(ABC):
         """``length`` bytes from ``offset`` (fewer if the object ends first), in memory: for
         small reads such as a zip's central directory."""
         return b"".join([chunk async for chunk in self.stream_range(key, offset, length)])
+
+    async def read_tail(self, key: str, length: int) -> tuple[bytes, int]:
+        """The last ``length`` bytes of the object (all of it if shorter) and its size: a zip's
+        end records and directory, in one request where the backend allows."""
+        size = await self.size_of(key)
+        start = max(0, size - length)
+        return await self.read_range(key, start, size - start), size
 
     @abstractmethod
     def open_upload(self, key: str, *, content_type: str | None = None) -> Upload:
@@ -235,7 +244,8 @@ class LocalStorage(Storage):
         stat = await self._run(path.stat, key=key)
         return int(stat.st_size)
 
-    async def stream_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+    async def stream_range(self, key: str, offset: int, length: int
+                           ) -> AsyncGenerator[bytes, None]:
         """``length`` bytes from ``offset`` in chunks of at most 1 MiB."""
         path = self.path_of(key)
         handle = await self._run(path.open, "rb", key=key)
@@ -489,7 +499,8 @@ class S3Storage(Storage):
             answer = await s3.head_object(Bucket=self.bucket, Key=self._full(key))
         return int(answer["ContentLength"])
 
-    async def stream_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+    async def stream_range(self, key: str, offset: int, length: int
+                           ) -> AsyncGenerator[bytes, None]:
         """A ranged GET of ``length`` bytes from ``offset``, in chunks of about 1 MiB."""
         if length <= 0:
             return
@@ -504,6 +515,18 @@ class S3Storage(Storage):
                 if not chunk:
                     break
                 yield chunk
+
+    async def read_tail(self, key: str, length: int) -> tuple[bytes, int]:
+        """One suffix-range GET; the size comes from its Content-Range."""
+        s3 = await self._s3()
+        with self._errors(key):
+            answer = await s3.get_object(Bucket=self.bucket, Key=self._full(key),
+                                         Range=f"bytes=-{length}")
+            async with answer["Body"] as body:
+                data: bytes = await body.read()
+        content_range = str(answer.get("ContentRange") or "")
+        size = int(content_range.rpartition("/")[2]) if "/" in content_range else len(data)
+        return data, size
 
     def open_upload(self, key: str, *, content_type: str | None = None) -> Upload:
         """A multipart upload of ``upload_part_bytes`` parts, one sent while the next fills;
@@ -581,7 +604,8 @@ class _S3Upload(Upload):
     async def write(self, data: bytes) -> None:
         self._buffer += data
         self.size_bytes += len(data)
-        if len(self._buffer) >= self._storage.upload_part_bytes:
+        growth = 2 ** (len(self._parts) // _PARTS_PER_SIZE)
+        if len(self._buffer) >= self._storage.upload_part_bytes * growth:
             await self._send_part()
 
     async def _send_part(self) -> None:
@@ -593,12 +617,13 @@ class _S3Upload(Upload):
             self._upload_id = answer["UploadId"]
         # One part in flight while the next one fills: wait for the previous first.
         await self._wait_sent()
-        body, self._buffer = bytes(self._buffer), bytearray()
+        # The buffer itself is sent (no copy); writing goes on into a new one.
+        body, self._buffer = self._buffer, bytearray()
         number = len(self._parts) + 1
         self._parts.append({"PartNumber": number})
         self._sending = asyncio.create_task(self._put_part(s3, number, body))
 
-    async def _put_part(self, s3: Any, number: int, body: bytes) -> None:
+    async def _put_part(self, s3: Any, number: int, body: bytearray) -> None:
         with self._storage._errors():
             answer = await s3.upload_part(Bucket=self._storage.bucket, Key=self._key,
                                           UploadId=self._upload_id, PartNumber=number,

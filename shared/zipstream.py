@@ -249,11 +249,15 @@ def _deflate_all(data: bytes) -> bytes:
 ReadRange = Callable[[int, int], Awaitable[bytes]]
 
 
-async def read_members(read_range: ReadRange, size_bytes: int) -> list[Member]:
+async def read_members(read_range: ReadRange, size_bytes: int, *,
+                       tail: bytes | None = None) -> list[Member]:
     """The members of the zip of ``size_bytes`` bytes that ``read_range(offset, length)``
-    reads: its end records from the tail, then its central directory."""
-    tail_start = max(0, size_bytes - _TAIL_BYTES)
-    tail = await read_range(tail_start, size_bytes - tail_start)
+    reads: its end records from the tail (``tail``: its last bytes, when read already), then
+    its central directory."""
+    if tail is None or (b"PK\x05\x06" not in tail and len(tail) < min(size_bytes, _TAIL_BYTES)):
+        tail_start = max(0, size_bytes - _TAIL_BYTES)
+        tail = await read_range(tail_start, size_bytes - tail_start)
+    tail_start = size_bytes - len(tail)
     at = tail.rfind(struct.pack("<I", _EOCD_SIG))
     if at < 0 or len(tail) - at < _EOCD.size:
         raise ZipError("no end of central directory record: not a zip")
@@ -318,6 +322,45 @@ def _zip64_values(extra: bytes, size: int, compressed: int, offset: int) -> tupl
 #: Bytes to read at a member's offset to find where its data starts: the fixed local header
 #: plus room for a name and extra field of usual length (a longer pair is read again).
 LOCAL_HEADER_PROBE_BYTES: Final = _LOCAL.size + 1024
+
+
+#: The fixed part of a local header: a member's bytes begin after it, its name and extra field.
+LOCAL_HEADER_BYTES: Final = _LOCAL.size
+
+
+def local_header_length(header: bytes, member: Member) -> int:
+    """The length of ``member``'s local header, from its first 30 (or more) bytes."""
+    if len(header) < _LOCAL.size or struct.unpack_from("<I", header)[0] != _LOCAL_SIG:
+        raise ZipError(f"{member.name}: no local header at {member.header_offset}")
+    name_len, extra_len = struct.unpack_from("<HH", header, 26)
+    return _LOCAL.size + name_len + extra_len
+
+
+async def member_data(chunks: AsyncIterator[bytes], member: Member) -> AsyncIterator[bytes]:
+    """The compressed bytes of ``member`` out of ``chunks``, a read of its zip from its local
+    header on: the header is skipped as it passes, so one request serves both."""
+    pending = b""
+    skip: int | None = None
+    left = member.compressed_size
+    async for chunk in chunks:
+        if skip is None:
+            pending += chunk
+            if len(pending) < _LOCAL.size:
+                continue
+            skip = local_header_length(pending, member)
+            chunk, pending = pending, b""
+        if skip:
+            dropped = min(skip, len(chunk))
+            chunk, skip = chunk[dropped:], skip - dropped
+        if not chunk:
+            continue
+        piece = chunk[:left]
+        left -= len(piece)
+        yield piece
+        if left == 0:
+            return
+    if left:
+        raise ZipError(f"{member.name}: the zip ends {left} bytes short")
 
 
 async def data_offset(read_range: ReadRange, member: Member) -> int:

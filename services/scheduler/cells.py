@@ -9,6 +9,7 @@ named by its south-west corner; its key is ``row * 3600 + column`` on the 3600 Ã
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import queue
 import threading
@@ -80,6 +81,15 @@ def summary_lines(cells: Cells, chunk_rows: int = 50_000) -> Iterator[bytes]:
                                                  counts.tolist(), strict=True)).encode()
 
 
+@functools.cache
+def _use_system_allocator() -> None:
+    """Arrow's default pool (mimalloc) keeps what each reader thread freed cached per thread:
+    the scheduler's RSS grew with the size of the CSVs read. The system allocator returns it
+    (as the worker's runs do, services/worker/run.py). Process-wide: the scheduler uses Arrow
+    for nothing else."""
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 class _Inflating(io.RawIOBase):
     """A readable file of what the queue's chunks inflate to (raw deflate, or stored)."""
 
@@ -117,6 +127,7 @@ class CellCounter:
     counts, or ``None`` when the CSV could not be read (the summary then leaves it out)."""
 
     def __init__(self, *, deflated: bool, name: str) -> None:
+        _use_system_allocator()
         self._queue: queue.Queue[bytes] = queue.Queue(maxsize=_QUEUE_CHUNKS)
         self._name = name
         self._result: Cells | None = None
@@ -142,7 +153,7 @@ class CellCounter:
         try:
             reader = pa_csv.open_csv(
                 source,
-                read_options=pa_csv.ReadOptions(block_size=4 << 20),
+                read_options=pa_csv.ReadOptions(block_size=1 << 20),
                 # Quoted values may hold line breaks (street names rarely do, but may).
                 parse_options=pa_csv.ParseOptions(newlines_in_values=True),
                 convert_options=pa_csv.ConvertOptions(

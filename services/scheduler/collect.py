@@ -18,8 +18,10 @@ began before a rebuild finishes), older ones are deleted.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,13 +41,17 @@ from shared.logging import get_logger
 from shared.regions import REGIONS, regions_of
 from shared.storage import Storage
 from shared.vrt import vrt_text
-from shared.zipstream import ZipWriter, data_offset, read_members
+from shared.zipstream import LOCAL_HEADER_BYTES, Member, ZipWriter, member_data, read_members
 
 log = get_logger(__name__)
 
 LAYERS = ("addresses", "parcels", "buildings", "centerlines")
 #: Files of each name kept in storage: the current one and the one before.
 KEEP_FILES = 2
+#: A processed.zip's end is read with this many bytes: its directory of three members fits.
+DIRECTORY_TAIL_BYTES = 16 * 1024
+#: Directories read at once before a zip is written.
+DIRECTORY_READS = 16
 
 #: The one place that says which run of an entry a collection takes. Driven by the entries
 #: table (migration 0007), so that entries removed from the sources repository drop out; the
@@ -140,6 +146,7 @@ class Collector:
         self.built_at = built_at or datetime.now(UTC)
         self._stamp = self.built_at.strftime("%Y%m%dT%H%M%S%fZ")
         self._cells: dict[int, Cells | None] = {}
+        self._directories: dict[str, tuple[tuple[Member, ...], int] | None] = {}
 
     async def build_all(self, *, regions: Sequence[str] = REGIONS,
                         layers: Sequence[str] = LAYERS) -> list[Built]:
@@ -160,6 +167,7 @@ class Collector:
         features = sum(run.feature_count for run in planned.runs)
         summary = (f"summary/{planned.region}-summary.csv" if planned.layer == "addresses"
                    else None)
+        await self._read_directories(planned.runs)
         async with self.storage.open_upload(key, content_type="application/zip") as upload:
             writer = ZipWriter(upload, when=self.built_at.timestamp())
             await writer.add_bytes("README.txt", readme_text(
@@ -217,28 +225,58 @@ class Collector:
                         want_cells: bool) -> Cells | None:
         """Copy the CSV member of ``key`` (a processed.zip) as it is stored; its cells
         counted on the way when ``want_cells``."""
-        async def read_range(offset: int, length: int) -> bytes:
-            return await self.storage.read_range(key, offset, length)
-
-        members = await read_members(read_range, await self.storage.size_of(key))
+        found = self._directories.get(key) or await self._directory(key)
+        if found is None:
+            raise NotFound(f"run {run.run_id}: {key} is missing")
+        members, size = found
         csvs = [m for m in members if m.name.endswith(".csv")]
         if len(csvs) != 1:
             raise NotFound(f"run {run.run_id}: {key} has {len(csvs)} CSV members")
         member = csvs[0]
         if member.method not in (0, 8) or member.flags & 1:
             raise NotFound(f"run {run.run_id}: {member.name} is neither stored nor deflated")
-        start = await data_offset(read_range, member)
         counter = (CellCounter(deflated=member.method == 8, name=csv_member) if want_cells
                    else None)
+        # One read from the local header on: its length is known only once it is read.
+        length = min(size - member.header_offset,
+                     LOCAL_HEADER_BYTES + 2 * 0xFFFF + member.compressed_size)
         try:
-            await writer.add_raw(
-                csv_member,
-                _fed(self.storage.stream_range(key, start, member.compressed_size), counter),
-                method=member.method, crc=member.crc, compressed_size=member.compressed_size,
-                size=member.size)
+            async with aclosing(self.storage.stream_range(key, member.header_offset,
+                                                          length)) as chunks:
+                await writer.add_raw(
+                    csv_member, _fed(member_data(chunks, member), counter),
+                    method=member.method, crc=member.crc,
+                    compressed_size=member.compressed_size, size=member.size)
         finally:
             cells = await counter.finish() if counter is not None else None
         return cells
+
+    async def _directory(self, key: str) -> tuple[tuple[Member, ...], int] | None:
+        """A processed.zip's members and size (two requests at most; kept for the build)."""
+        try:
+            tail, size = await self.storage.read_tail(key, DIRECTORY_TAIL_BYTES)
+
+            async def read_range(offset: int, length: int) -> bytes:
+                return await self.storage.read_range(key, offset, length)
+
+            found = (tuple(await read_members(read_range, size, tail=tail)), size)
+        except NotFound:
+            found = None
+        self._directories[key] = found
+        return found
+
+    async def _read_directories(self, runs: Sequence[GoodRun]) -> None:
+        """Read the directories of the runs' processed.zips a few at a time before copying:
+        the copy then makes one request per run, and the round trips overlap."""
+        keys = [key for run in runs if run.layer == "addresses"
+                and (key := run.outputs.get("processed.zip")) and key not in self._directories]
+        limit = asyncio.Semaphore(DIRECTORY_READS)
+
+        async def read(key: str) -> None:
+            async with limit:
+                await self._directory(key)
+
+        await asyncio.gather(*(read(key) for key in keys))
 
     async def _add_features(self, writer: ZipWriter, run: GoodRun, base: str) -> None:
         key = run.outputs["out.geojson"]

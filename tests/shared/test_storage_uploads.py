@@ -77,3 +77,12 @@ async def test_ranges_of_missing_key(storage: Storage) -> None:
         await storage.size_of("runs/9/nothing.zip")
     with pytest.raises(NotFound):
         await storage.read_range("runs/9/nothing.zip", 0, 10)
+
+
+async def test_read_tail(storage: Storage) -> None:
+    data = os.urandom(100_000)
+    await storage.put_bytes("runs/2/processed.zip", data)
+    assert await storage.read_tail("runs/2/processed.zip", 1000) == (data[-1000:], len(data))
+    assert await storage.read_tail("runs/2/processed.zip", 10**6) == (data, len(data))
+    with pytest.raises(NotFound):
+        await storage.read_tail("runs/2/nothing.zip", 10)

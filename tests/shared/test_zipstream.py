@@ -189,3 +189,39 @@ async def test_bad_local_header() -> None:
                              member.compressed_size, member.size, member.header_offset + 1)
     with pytest.raises(ZipError, match="no local header"):
         await data_offset(reader(source), moved)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 29, 31, 4096, 10**7])
+async def test_member_data_skips_the_local_header(chunk_size: int) -> None:
+    source = processed_zip()
+    for member in await read_members(reader(source), len(source)):
+        start = await data_offset(reader(source), member)
+        # A read from the header on that runs past the member: only its bytes come out.
+        rest = source[member.header_offset:]
+        got = b"".join([piece async for piece in zipstream.member_data(
+            chunks(rest, chunk_size), member)])
+        assert got == source[start: start + member.compressed_size]
+
+
+async def test_member_data_short_read() -> None:
+    source = processed_zip()
+    member = (await read_members(reader(source), len(source)))[-2]
+    cut = source[member.header_offset: member.header_offset + 100]
+    with pytest.raises(ZipError, match="short"):
+        async for _ in zipstream.member_data(chunks(cut), member):
+            pass
+
+
+async def test_read_members_from_a_given_tail() -> None:
+    source = processed_zip()
+    calls: list[tuple[int, int]] = []
+
+    async def counted(offset: int, length: int) -> bytes:
+        calls.append((offset, length))
+        return source[offset: offset + length]
+
+    members = await read_members(counted, len(source), tail=source[-4096:])
+    assert calls == [] and [m.name for m in members][-1] == "stored.txt"
+    # A tail too short for the directory: the directory is read on its own.
+    members = await read_members(counted, len(source), tail=source[-30:])
+    assert len(calls) >= 1 and len(members) == 4
