@@ -27,10 +27,13 @@ from services.webhook.views.cache import SiteCache
 from services.webhook.views.render import environment
 from shared.broker import Broker
 from shared.config import Settings
-from shared.db import create_pool
+from shared.db import create_pool, warm_pool
 from shared.github import GitHub
 from shared.probes import add_probe_routes, broker_check, database_check
 from shared.storage import open_storage
+
+#: PostgreSQL connections of one webhook process (requests, the delivery processor, pages).
+POOL_SIZE = 10
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -58,10 +61,17 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     # min_size=0: the service starts and answers (503 where it needs the database) while
-    # PostgreSQL is down, and the pool connects once it is back.
-    pool = await create_pool(app[SETTINGS].database_url, min_size=0)
+    # PostgreSQL is down, and the pool connects once it is back. Deliveries come in bursts
+    # after quiet hours: the connections are opened in the background at start and kept
+    # however long they are idle, so a burst never waits for new ones.
+    pool = await create_pool(app[SETTINGS].database_url, min_size=0, max_size=POOL_SIZE,
+                             keep_idle=True)
     app[POOL] = pool
+    warming = asyncio.create_task(warm_pool(pool, POOL_SIZE))
     yield
+    warming.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await warming
     await pool.close()
 
 

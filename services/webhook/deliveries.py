@@ -52,8 +52,10 @@ MAX_ATTEMPTS = 8
 CLAIM = timedelta(seconds=30)
 #: Deliveries worked on at once by one process.
 CONCURRENCY = 8
-#: How long a stored delivery waits before the processor looks (see DeliveryProcessor.wake).
+#: The processor looks once no delivery has arrived for this long (see DeliveryProcessor.wake)
 WAKE_DELAY_S = 0.02
+#: ... but never later than this after the first delivery of a burst.
+WAKE_MAX_DELAY_S = 0.25
 #: Re-runs asked for in comments: at most one per pull request in this time.
 RERUN_INTERVAL = timedelta(minutes=1)
 
@@ -99,7 +101,8 @@ class DeliveryProcessor:
         self.github = github
         self.settings = settings
         self._wake = asyncio.Event()
-        self._wake_pending = False
+        self._wake_timer: asyncio.TimerHandle | None = None
+        self._burst_started = 0.0
         self._queueing: set[asyncio.Task[int]] = set()
 
     def _queued(self, task: asyncio.Task[int]) -> None:
@@ -108,21 +111,27 @@ class DeliveryProcessor:
             log.warning("runs.queue_failed", error=repr(task.exception()))
 
     def wake(self) -> None:
-        """A delivery was stored: look in a moment.
+        """A delivery was stored: look once the burst it belongs to is over.
 
-        Deliveries come in bursts (a busy morning, a redelivery of many); waiting
-        :data:`WAKE_DELAY_S` lets the webhook store and answer the whole burst before it starts
-        the heavier work of reading what changed, which shares the same event loop.
+        Deliveries come in bursts (a busy morning, a redelivery of many), and making them into
+        jobs (reading files, checking them) is CPU work on the same event loop that answers
+        ``POST /hook``. So the processor starts :data:`WAKE_DELAY_S` after the *last* delivery
+        of a burst (each new one puts it off again), at most :data:`WAKE_MAX_DELAY_S` after
+        the first: the whole burst is stored and answered before the heavier work begins.
         """
-        if self._wake_pending:
-            return
-        self._wake_pending = True
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._wake_timer is None:
+            self._burst_started = now
+        else:
+            self._wake_timer.cancel()
+        at = min(now + WAKE_DELAY_S, self._burst_started + WAKE_MAX_DELAY_S)
 
         def wake_now() -> None:
-            self._wake_pending = False
+            self._wake_timer = None
             self._wake.set()
 
-        asyncio.get_running_loop().call_later(WAKE_DELAY_S, wake_now)
+        self._wake_timer = loop.call_at(at, wake_now)
 
     async def run(self) -> None:
         """Process due deliveries for ever, waiting out database outages."""

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from shared.db import database_name, ensure_database, load_migrations, migrate
+from shared.db import (
+    create_pool,
+    database_name,
+    ensure_database,
+    load_migrations,
+    migrate,
+    warm_pool,
+)
 
 from ..conftest import POSTGRES_SERVER_URL
 
@@ -137,3 +145,33 @@ async def test_constraints(db_pool: asyncpg.Pool) -> None:
             "INSERT INTO runs (source_path, layer, entry_name, status) "
             "VALUES ('s.json', 'addresses', 'e', 'error')"
         )
+
+
+async def test_warm_pool_opens_its_connections_and_keeps_them(database_url: str) -> None:
+    pool = await create_pool(database_url, min_size=0, max_size=4, keep_idle=True)
+    try:
+        assert pool.get_size() == 0
+        await warm_pool(pool, 4)
+        # Four connections open and idle: a burst of four queries connects nothing.
+        assert pool.get_size() == 4 and pool.get_idle_size() == 4
+        assert await pool.fetchval("SELECT 1") == 1 and pool.get_size() == 4
+    finally:
+        await pool.close()
+
+
+async def test_warm_pool_waits_for_postgresql_to_answer() -> None:
+    # Nothing listens on this port: the warming waits (an outage) instead of failing.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pool = await create_pool(f"postgresql://postgres@127.0.0.1:{port}/x", min_size=0,
+                             max_size=2)
+    try:
+        warming = asyncio.create_task(warm_pool(pool, 2))
+        await asyncio.sleep(1.5)
+        assert not warming.done()
+        warming.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await warming
+    finally:
+        await pool.close()

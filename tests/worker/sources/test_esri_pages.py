@@ -132,6 +132,15 @@ def test_without_statistics_a_refused_id_list_is_one_query(
 # --- page size --------------------------------------------------------------------------------
 
 
+def test_page_size_is_the_layers_within_a_bound() -> None:
+    def size(meta: dict[str, Any]) -> int:
+        return esri.Layer.from_metadata({"fields": [], **meta}, None, esri.MAX_PAGE_SIZE).page_size
+
+    assert size({"maxRecordCount": 2000}) == 2000
+    assert size({"maxRecordCount": 32000}) == esri.MAX_PAGE_SIZE == 5000
+    assert size({}) == esri.DEFAULT_PAGE_SIZE == 1000
+
+
 def test_pages_too_large_for_the_server_are_halved_and_kept_smaller(
     arcgis: FakeArcGIS, tmp_path: Path
 ) -> None:
