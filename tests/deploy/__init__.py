@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 #: test_compose.test_subcommands_match_cli.
 SUBCOMMANDS = frozenset(
     {"webhook", "worker", "dequeuer", "scheduler", "up", "migrate", "process-one",
-     "dead-letters", "check-sources", "enqueue-sources", "clean-up"}
+     "dead-letters", "check-sources", "enqueue-sources", "clean-up", "collect"}
 )
 
 #: The long-running services, each its own container / Deployment.

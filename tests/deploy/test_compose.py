@@ -105,6 +105,26 @@ def environment(service: Obj) -> dict[str, str]:
     return {key: str(value) for key, value in env.items()}
 
 
+def env_file_values(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file, as compose reads unquoted values (comments skipped)."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            assert not value.startswith(("'", '"')), f"{path}: {key}: quoting is read differently"
+            values[key.strip()] = value.strip()
+    return values
+
+
+def container_environment(service: Obj) -> dict[str, str]:
+    """What the container gets with no `.env`: the required env files, then `environment`."""
+    merged: dict[str, str] = {}
+    for entry in service.get("env_file", []):
+        if entry.get("required", True):
+            merged.update(env_file_values(REPO_ROOT / entry["path"]))
+    return {**merged, **environment(service)}
+
+
 # --- the schema ----------------------------------------------------------------------------------
 
 
@@ -205,20 +225,47 @@ def test_subcommands_match_cli() -> None:
 
 def test_app_environment_names_real_settings_with_valid_values() -> None:
     for name, service in app_services(compose()).items():
-        env = environment(service)
+        env = container_environment(service)
         unknown = set(env) - SETTINGS_VARIABLES - AWS_VARIABLES
         assert not unknown, f"{name}: no service reads {unknown}"
         settings = settings_from_environment(env)  # raises on a bad value
         assert settings.http_host == "0.0.0.0", "listen beyond loopback inside a container"
         assert settings.storage_url.startswith("s3://")
         assert not settings.demo_mode or "GITHUB_TOKEN" not in env, "no empty GITHUB_TOKEN"
+        assert settings.webhook_secrets, "the webhook refuses to start without a secret"
+
+
+#: Settings compose leaves to their default or to `.env`, and why.
+COMPOSE_UNSET = {
+    "GITHUB_TOKEN": "in `.env` or not at all (demo mode); an empty one is a bad token",
+    "RABBITMQ_MANAGEMENT_URL": "read by `oa-machine up` only, which compose does not run",
+    "USER_AGENT": "unset sends oa-machine/VERSION (+sources URL); empty is invalid",
+    "WORKER_NAME": "unset means the container's host name and pid",
+}
+
+
+def test_every_setting_is_set_in_compose() -> None:
+    """Each app container gets every variable the code reads, but for COMPOSE_UNSET."""
+    for name, service in app_services(compose()).items():
+        env = container_environment(service)
+        missing = SETTINGS_VARIABLES | AWS_VARIABLES
+        missing = missing - env.keys() - COMPOSE_UNSET.keys()
+        assert not missing, f"{name}: not set: {sorted(missing)}"
+        assert not env.keys() & COMPOSE_UNSET.keys(), name
+
+
+def test_compose_states_its_minimum_version() -> None:
+    # `env_file` entries with `path`/`required` arrived in Docker Compose 2.24.
+    assert any("required" in entry for entry in raw_compose()["x-app"]["env_file"])
+    for document in (COMPOSE_FILE, REPO_ROOT / "README.md", REPO_ROOT / "docs" / "deploy.md"):
+        assert re.search(r"Compose 2\.24 or later", document.read_text()), document
 
 
 def test_app_environment_points_at_the_compose_services() -> None:
     data = compose()
     services = data["services"]
     env = environment(services["worker"])
-    settings = settings_from_environment(env)
+    settings = settings_from_environment(container_environment(services["worker"]))
 
     postgres = environment(services["postgres"])
     database = urlsplit(settings.database_url)

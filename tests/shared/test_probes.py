@@ -41,6 +41,29 @@ async def test_live_ready_and_metrics(db_pool: asyncpg.Pool) -> None:
         assert name in text
 
 
+
+async def _hangs() -> None:
+    await asyncio.Event().wait()  # a server that accepts and never answers
+
+
+async def test_liveness_never_asks_the_dependencies() -> None:
+    """PostgreSQL and RabbitMQ both down (one refusing, one hanging): /health/live still answers
+    200 at once, so Kubernetes restarts no pod for an outage; /health/ready says 503."""
+    server = ProbeServer("127.0.0.1", 0, {"database": _hangs, "broker": _broken})
+    async with server, aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{server.port}"
+        started = asyncio.get_running_loop().time()
+        async with session.get(f"{base}/health/live") as response:
+            assert response.status == 200
+            assert (await response.json())["status"] == "alive"
+        assert asyncio.get_running_loop().time() - started < 1.0
+        async with session.get(f"{base}/health/ready") as response:
+            assert response.status == 503
+            answer = await response.json()
+    assert answer["checks"]["database"].startswith("TimeoutError")
+    assert answer["checks"]["broker"].startswith("ConnectionRefusedError")
+
+
 @pytest.fixture
 async def dequeuer(settings: Settings, db_pool: asyncpg.Pool) -> AsyncIterator[Dequeuer]:
     broker = await Broker.connect(settings.amqp_url)
