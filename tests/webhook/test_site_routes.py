@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
 from services.demo.github import GitHubStandIn, PostedStatus
+from services.webhook.keys import SITE_CACHE
 from services.webhook.views.headers import FILE_POLICY, PAGE_POLICY
 from services.webhook.views.state import REFERENCE_COLUMNS
 from shared.config import Settings
@@ -745,6 +746,9 @@ async def test_schedule_on_the_home_page(
     assert "<td>batch</td>" in table and "<code>0 12 * * 5</code>" in table
     assert table.count("<td>—</td>") == 3  # nothing recorded yet
     await _slots(db_pool)
+    # The page is kept for a few seconds (views/cache.py): the same page until forgotten.
+    assert await html(site, "/") == before
+    site.app[SITE_CACHE].forget()
     text = await html(site, "/")
     table = text[text.index('<table id="schedule">'):]
     table = table[:table.index("</table>")]

@@ -69,7 +69,7 @@ class Endpoint:
 
 
 async def _summary(request: web.Request) -> Home:
-    return await home.home(request.app)
+    return (await home.home(request.app)).figures
 
 
 async def _jobs(request: web.Request) -> JobList:

@@ -42,7 +42,7 @@ def source_name(source_path: str) -> str | None:
 
 def source_url(source_path: str) -> str | None:
     name = source_name(source_path)
-    return f"/sources/{quote(name)}" if name else None
+    return f"/sources/{_quoted_path(name)}" if name else None
 
 
 def file_url(run_id: int, name: str) -> str:
@@ -53,6 +53,12 @@ def file_url(run_id: int, name: str) -> str:
 def _quoted(name: str) -> str:
     # Output names repeat (out.csv, preview.png...): quoted once each.
     return quote(name, safe="")
+
+
+@lru_cache(maxsize=4096)
+def _quoted_path(name: str) -> str:
+    # Sources repeat across the runs of a page.
+    return quote(name)
 
 
 def run_state(status: str | None, started_at: datetime | None) -> RunState:
@@ -134,22 +140,24 @@ class Run(_Model):
     @classmethod
     def of(cls, row: Any, now: datetime | None = None) -> Run:
         """From a row of ``sql.RUN_COLUMNS``."""
-        started, finished = row["started_at"], row["finished_at"]
+        run_id, path, started, finished = (row["id"], row["source_path"], row["started_at"],
+                                           row["finished_at"])
         duration = None
         if started is not None:
             end = finished if finished is not None else (now or datetime.now(UTC))
             duration = max((end - started).total_seconds(), 0.0)
         outputs = row["outputs"] or {}
+        source = source_name(path)
         return cls.model_validate(dict(
-            id=row["id"], url=f"/runs/{row['id']}", job_id=row["job_id"], set_id=row["set_id"],
-            source_path=row["source_path"], source=source_name(row["source_path"]),
-            source_url=source_url(row["source_path"]), layer=row["layer"],
+            id=run_id, url=f"/runs/{run_id}", job_id=row["job_id"], set_id=row["set_id"],
+            source_path=path, source=source,
+            source_url=f"/sources/{_quoted_path(source)}" if source else None, layer=row["layer"],
             entry_name=row["entry_name"], state=run_state(row["status"], started),
             status=row["status"], source_problem=row["source_problem"], error=row["error"],
             attempt=row["attempt"], worker=row["worker"], created_at=row["created_at"],
             started_at=started, finished_at=finished, duration_s=duration,
             features=row["features"], outputs=outputs,
-            files={name: file_url(row["id"], name) for name in outputs},
+            files={name: f"/runs/{run_id}/{_quoted(name)}" for name in outputs},
         ))
 
     @property

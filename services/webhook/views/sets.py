@@ -94,8 +94,9 @@ async def set_detail(
     runs = [Run.of(run, now) for run in rows]
     more = len(rows) == given.limit
     cursor = f"{rows[-1]['rank']}.{rows[-1]['id']}" if rows else ""
-    return SetDetail(set=set_of(row, tallies[set_id]),
-                     problems=await set_problems(pool, set_id), runs=runs,
+    problems = await set_problems(pool, app[SITE_CACHE], set_id, tallies[set_id],
+                                  row["finished_at"] is not None)
+    return SetDetail(set=set_of(row, tallies[set_id]), problems=problems, runs=runs,
                      next=next_link(path, given, after=cursor) if more else None)
 
 

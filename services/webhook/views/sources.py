@@ -53,15 +53,22 @@ SOURCE_RUNS = query("sources.runs", f"""
     SELECT {RUN_COLUMNS} FROM runs r
     WHERE r.source_path = $1 AND r.id < $2 ORDER BY r.id DESC LIMIT $3
 """, "source_path", "before", "limit")
-#: The chart's points: the published runs (a pull request's are not the source's history).
+#: The chart's points: the published runs (a pull request's are not the source's history),
+#: from the index on (source_path, id) alone (migration 0007: it includes these columns).
+#: site_published() runs a query and PostgreSQL cannot inline it: asked only of job runs.
 SOURCE_CHART = query("sources.chart", """
-    SELECT r.id, r.layer, r.entry_name, r.status, r.finished_at,
-           site_count(r.state->'feature count') AS features
+    SELECT r.id, r.layer, r.entry_name, r.status,
+           extract(epoch FROM r.finished_at)::float8 AS at_s, r.features
     FROM runs r
-    WHERE r.source_path = $1 AND r.status IS NOT NULL AND site_published(r.set_id, r.job_id)
+    WHERE r.source_path = $1 AND r.status IS NOT NULL AND r.finished_at IS NOT NULL
+      AND (r.set_id IS NOT NULL OR site_published(r.set_id, r.job_id))
     ORDER BY r.id DESC LIMIT 1000
 """, "source_path")
 
+#: Runs listed on a source's page (the API lists SourceRunsQuery's default).
+PAGE_RUNS = 20
+#: Regressions listed under the chart, newest first (the chart marks every one).
+REGRESSIONS_LISTED = 10
 #: The files /latest/run/ serves, by the extension asked for.
 LATEST_FILES = {"zip": "processed.zip", "csv": "out.csv", "geojson": "out.geojson"}
 
@@ -131,18 +138,16 @@ async def chart_series(app: web.Application, source_path: str) -> list[chart.Ser
     """One series per entry, oldest run first, regressions marked."""
     rows = await SOURCE_CHART.fetch(app[POOL], source_path)
     points: dict[str, list[chart.Point]] = defaultdict(list)
-    for row in rows:
-        if row["finished_at"] is None:
-            continue
-        label = f"{row['layer']}/{row['entry_name']}"
-        points[label].append(chart.Point(row["id"], row["finished_at"], row["status"],
-                                         row["features"]))
+    point = chart.Point
+    # By position, not name: hundreds of rows (the columns of SOURCE_CHART, in order).
+    for run_id, layer, entry_name, status, at_s, features in rows:
+        points[f"{layer}/{entry_name}"].append(point(run_id, at_s, status, features))
     return [chart.Series(label, chart.mark_regressions(sorted(line, key=_moment)))
             for label, line in sorted(points.items())]
 
 
-def _moment(point: chart.Point) -> tuple[datetime, int]:
-    return point.at, point.run_id
+def _moment(point: chart.Point) -> tuple[float, int]:
+    return point.at_s, point.run_id
 
 
 async def sources_page(request: web.Request) -> web.Response:
@@ -154,10 +159,14 @@ async def sources_page(request: web.Request) -> web.Response:
 async def source_page(request: web.Request) -> web.Response:
     name = request.match_info["name"].strip("/")
     given = parse(request, SourceRunsQuery)
+    if "limit" not in request.query:
+        # The page's history is its chart; its table, the latest runs in detail, pages.
+        given = given.model_copy(update={"limit": PAGE_RUNS})
     detail = await source_detail(request.app, name, given, f"/sources/{quote(name)}")
     series = await chart_series(request.app, detail.source.source_path)
-    regressions = [(line.label, point) for line in series for point in line.points
-                   if point.regression]
+    regressions = sorted(((line.label, point) for line in series for point in line.points
+                          if point.regression), key=lambda found: -found[1].at_s)
     return page(request, "source.html", title=name, name=name, detail=detail,
                 chart=chart.draw(series), legend=chart.legend(series),
-                regressions=regressions)
+                regressions=regressions[:REGRESSIONS_LISTED],
+                regressions_more=len(regressions) - REGRESSIONS_LISTED)

@@ -107,8 +107,7 @@ def pick(
 
 
 #: The columns of a run as lists show it (``models.Run.of``): the error is cut to what a list
-#: can show, the state reduced to its feature count.
+#: can show; of the state, only the feature count (a column of its own, migration 0007).
 RUN_COLUMNS = """r.id, r.job_id, r.set_id, r.source_path, r.layer, r.entry_name, r.status,
        r.source_problem, left(r.error, 2000) AS error, r.attempt, r.worker, r.created_at,
-       r.started_at, r.finished_at, site_count(r.state->'feature count') AS features,
-       r.outputs"""
+       r.started_at, r.finished_at, r.features, r.outputs"""

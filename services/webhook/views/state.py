@@ -73,20 +73,21 @@ def state_row(row: Any, base_url: str) -> list[str]:
     return ["" if values.get(column) is None else str(values[column]) for column in COLUMNS]
 
 
-async def build_state_txt(app: web.Application) -> bytes:
+async def build_state_txt(app: web.Application) -> tuple[bytes, str]:
+    """The file and its ETag (hashed once per build: the file is megabytes)."""
     base_url = app[SETTINGS].public_base_url.rstrip("/")
     rows = await STATE_ROWS.fetch(app[POOL])
     buffer = io.StringIO()
     writer = csv.writer(buffer, dialect="excel-tab")
     writer.writerow(COLUMNS)
     writer.writerows(state_row(row, base_url) for row in rows)
-    return buffer.getvalue().encode()
+    body = buffer.getvalue().encode()
+    return body, '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
 
 
 async def state_txt(request: web.Request) -> web.Response:
-    body, built_at = await request.app[SITE_CACHE].state_txt.get(
+    (body, etag), built_at = await request.app[SITE_CACHE].state_txt.get(
         lambda: build_state_txt(request.app))
-    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
     headers = {"ETag": etag, "Last-Modified": formatdate(built_at, usegmt=True),
                "Cache-Control": "public, max-age=10"}
     if request.headers.get("If-None-Match") == etag:

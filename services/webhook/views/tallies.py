@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from services.webhook.views.cache import SiteCache
+from services.webhook.views.cache import OPEN_SET_MAX_AGE_S, SiteCache
 from services.webhook.views.models import STATE_OF_RANK, Tally
 from services.webhook.views.sql import query
 
@@ -45,12 +45,12 @@ async def job_tallies(db: asyncpg.Pool, job_ids: list[int]) -> dict[int, Tally]:
 async def set_tallies(
     db: asyncpg.Pool, cache: SiteCache, sets: list[Any]
 ) -> dict[int, Tally]:
-    """Tallies of ``sets`` (rows with ``id`` and ``finished_at``): a finished set's from the
-    cache once counted, the others' counted now."""
+    """Tallies of ``sets`` (rows with ``id`` and ``finished_at``): from the cache when kept
+    (``cache.py`` says for how long), the others counted now."""
     found: dict[int, Tally] = {}
     wanted: list[int] = []
     for row in sets:
-        kept = cache.finished_tally(row["id"]) if row["finished_at"] is not None else None
+        kept = cache.set_tallies.get(row["id"])
         if kept is not None:
             found[row["id"]] = kept
         else:
@@ -59,11 +59,23 @@ async def set_tallies(
         counted = _tallies(await SET_TALLIES.fetch(db, wanted), wanted)
         finished = {row["id"] for row in sets if row["finished_at"] is not None}
         for set_id, tally in counted.items():
-            if set_id in finished and tally.open == 0:
-                cache.keep_tally(set_id, tally)
+            cache.set_tallies.keep(set_id, tally, _max_age(set_id in finished, tally))
         found.update(counted)
     return found
 
 
-async def set_problems(db: asyncpg.Pool, set_id: int) -> dict[str, int]:
-    return {row["source_problem"]: row["runs"] for row in await SET_PROBLEMS.fetch(db, set_id)}
+def _max_age(finished: bool, tally: Tally) -> float | None:
+    # A finished set without open runs never changes again (a run requeued after the set
+    # finished is open: then it is counted again like a set in progress).
+    return None if finished and tally.open == 0 else OPEN_SET_MAX_AGE_S
+
+
+async def set_problems(
+    db: asyncpg.Pool, cache: SiteCache, set_id: int, tally: Tally, finished: bool
+) -> dict[str, int]:
+    """The set's failed and skipped runs by problem, kept as long as its ``tally``."""
+    kept = cache.set_problems.get(set_id)
+    if kept is None:
+        kept = {row["source_problem"]: row["runs"] for row in await SET_PROBLEMS.fetch(db, set_id)}
+        cache.set_problems.keep(set_id, kept, _max_age(finished, tally))
+    return kept
