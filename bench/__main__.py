@@ -3,8 +3,9 @@
 The micro-benchmarks (conform functions, readers, writers) first, then the end-to-end
 ``process-one`` benchmark (``bench.pipeline``), then the service's (``bench.bench_service``:
 the dequeuer's settling rate and the whole pipeline's latency, on the local PostgreSQL and
-RabbitMQ); docs/benchmarks.md records their figures. Arguments after ``--`` go to
-``bench.pipeline`` (e.g. ``python -m bench -- --repeat 1``).
+RabbitMQ), then the results site's (``bench.bench_site``: a million runs, 20 clients);
+docs/benchmarks.md records their figures. Arguments after ``--`` go to ``bench.pipeline``
+(e.g. ``python -m bench -- --repeat 1``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(argv: list[str]) -> int:
         ("bench.pipeline", pipeline_args),
         ("bench.bench_service", ["settle"]),
         ("bench.bench_service", ["pipeline"]),
+        ("bench.bench_site", []),
     ]
     for module, args in runs:
         print(f"\n== python -m {module} {' '.join(args)}", flush=True)

@@ -15,12 +15,14 @@ from typing import Any
 from urllib.parse import quote
 
 import asyncpg
+import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
 from services.demo.github import GitHubStandIn, PostedStatus
 from services.webhook.keys import SITE_CACHE
+from services.webhook.views import cache
 from services.webhook.views.headers import FILE_POLICY, PAGE_POLICY
 from services.webhook.views.state import REFERENCE_COLUMNS
 from shared.config import Settings
@@ -763,3 +765,31 @@ async def test_schedule_on_the_home_page(
     for row in rows:  # every entry is on, with a next slot
         assert re.search(r'<td><time datetime="[0-9T:+-]+">\d{4}-\d\d-\d\d \d\d:\d\d UTC'
                          r"</time></td>\s*</tr>", row), row
+
+
+# --- What is kept between requests -------------------------------------------------------------
+
+
+async def test_counts_of_finished_sets_are_kept_and_of_open_sets_refreshed(
+    site: Client, site_world: World, db_pool: asyncpg.Pool, site_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old, open_set = site_world.sets["old"], site_world.sets["open"]
+    assert '<progress value="4" max="4">' in await html(site, f"/sets/{old}")
+    assert '<progress value="4" max="6">' in await html(site, f"/sets/{open_set}")
+    state_before = await (await site.get("/state.txt")).text()
+    async with open_storage(site_settings) as storage:
+        for set_id in (old, open_set):  # a late run in each (requeued, say) settles
+            await add_run(db_pool, storage, source_path="sources/us/ca/late.json",
+                          set_id=set_id, status="failure", problem="timeout")
+    # Within the open set's few seconds, both pages say what they said.
+    assert '<progress value="4" max="6">' in await html(site, f"/sets/{open_set}")
+    assert await (await site.get("/state.txt")).text() == state_before
+    # Later: the set in progress is counted again; the finished one stays as counted.
+    later = cache.monotonic() + cache.OPEN_SET_MAX_AGE_S + 1
+    monkeypatch.setattr(cache, "monotonic", lambda: later)
+    assert '<progress value="5" max="7">' in await html(site, f"/sets/{open_set}")
+    assert "<code>timeout</code> (1)" in await html(site, f"/sets/{open_set}")
+    finished = await html(site, f"/sets/{old}")
+    assert '<progress value="4" max="4">' in finished and "timeout" not in finished.split(
+        "<h2>Runs")[0]
