@@ -36,6 +36,8 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        # Templates change only with a deploy: no stat() of each file on every page.
+        auto_reload=False,
     )
     env.filters.update(
         thousands=fmt.thousands, duration=fmt.duration, when=fmt.when, iso=fmt.iso,
