@@ -152,7 +152,7 @@ CREATE INDEX runs_status_id_idx ON runs (status, id);
 -- A source's runs, newest first (its history page, the API's runs of a source); the columns
 -- its chart draws are included, so that hundreds of runs are read from the index alone.
 CREATE INDEX runs_source_id_idx ON runs (source_path, id)
-    INCLUDE (layer, entry_name, status, finished_at, features, set_id, job_id);
+    INCLUDE (layer, entry_name, status, finished_at, features, set_id, job_id, warning);
 -- "Runs today" on the home page.
 CREATE INDEX runs_finished_at_idx ON runs (finished_at);
 

@@ -151,6 +151,9 @@ async def seed_world(pool: asyncpg.Pool, storage: Storage) -> World:
     # A regression: a tenth fewer features than the set before.
     world.runs["set_regression"] = await add_run(
         pool, storage, source_path="sources/us/ks/lane.json", set_id=open_set, features=800)
+    # As the dequeuer marks it (services/dequeuer/regressions.py), after the status.
+    await pool.execute("UPDATE runs SET warning = $2 WHERE id = $1",
+                       world.runs["set_regression"], "features 1,000 → 800 (-20%)")
     world.runs["set_running"] = await add_run(
         pool, storage, source_path="sources/us/ks/lane.json", entry="city", set_id=open_set,
         status=None, started=NOW - timedelta(minutes=3))

@@ -76,9 +76,10 @@ async def test_home_page_counts_the_latest_good_runs(site: Client, site_world: W
     # run is queued; pull-request runs are not published).
     assert re.search(r'<span class="number">4</span><span class="label"><a href="/sources/">'
                      r'sources</a> \(5 entries\)', text)
-    # Good runs' addresses: alameda's push (1,300,000), lane/county's set run (800), and the
-    # old set's lane/city and XSS runs (1,000 each).
-    assert '<span class="number">1,302,800</span>' in text
+    # Good runs' addresses: alameda's push (1,300,000), and the old set's lane/county, lane/city
+    # and XSS runs (1,000 each): lane/county's newer set run (800) has a regression warning, so
+    # the earlier run stays its good data.
+    assert '<span class="number">1,303,000</span>' in text
     # Finished today: 4 runs of the open set, the push's and the pull request's two.
     assert '<span class="number">7</span><span class="label">runs finished today' in text
     open_set = site_world.sets["open"]
@@ -574,7 +575,7 @@ async def test_api_details(site: Client, site_world: World) -> None:
     assert workers["counts"] == {"active": 1, "inactive": 1, "offline": 1}
     assert {queue["ready"] for queue in workers["queues"]} == {0}
     summary = await json_of(site, "/api/summary")
-    assert (summary["sources"], summary["entries"], summary["addresses"]) == (4, 5, 1_302_800)
+    assert (summary["sources"], summary["entries"], summary["addresses"]) == (4, 5, 1_303_000)
 
 
 # --- Errors -------------------------------------------------------------------------------------
@@ -793,3 +794,29 @@ async def test_counts_of_finished_sets_are_kept_and_of_open_sets_refreshed(
     finished = await html(site, f"/sets/{old}")
     assert '<progress value="4" max="4">' in finished and "timeout" not in finished.split(
         "<h2>Runs")[0]
+
+
+async def test_regression_warnings_show_on_set_job_and_source_pages(
+    site: Client, site_world: World, db_pool: asyncpg.Pool
+) -> None:
+    runs = site_world.runs
+    said = "regression warning: features 1,000 → 800 (-20%)"
+    # The set's run that the dequeuer warned about (site_data marks it as the dequeuer does).
+    set_page = await html(site, f"/sets/{site_world.sets['open']}")
+    warned_row = set_page[set_page.index(f'id="run-{runs["set_regression"]}"'):]
+    assert said in warned_row[:warned_row.index("</tr>")]
+    source_page = await html(site, "/sources/us/ks/lane")
+    assert said in source_page
+    run_page = await html(site, f"/runs/{runs['set_regression']}")
+    assert 'id="run-warning">Regression warning: features 1,000 → 800 (-20%).' in run_page
+    api = await site.get(f"/api/runs/{runs['set_regression']}")
+    assert (await api.json())["warning"] == "features 1,000 → 800 (-20%)"
+    # A job's run with a warning (a pull request's: not published, so nothing else changes).
+    await db_pool.execute("UPDATE runs SET warning = 'features 120 → 12 (-90%)' WHERE id = $1",
+                          runs["pr_good"])
+    job_page = await html(site, f"/jobs/{site_world.jobs['pr']}")
+    good_row = job_page[job_page.index(f'id="run-{runs["pr_good"]}"'):]
+    assert "regression warning: features 120 → 12 (-90%)" in good_row[:good_row.index("</tr>")]
+    # Runs without one say nothing of it.
+    failed_row = job_page[job_page.index(f'id="run-{runs["pr_failed"]}"'):]
+    assert "regression warning" not in failed_row[:failed_row.index("</tr>")]

@@ -1,9 +1,10 @@
 """The feature-count chart of a source's page: SVG drawn on the server (no script, no library).
 
 One line per layer entry through its successful runs over time, a dot at each; a regression (a
-success with :data:`REGRESSION_DROP` fewer features or more than the entry's previous success)
-is a red ring, a failure a red cross on the time axis; both link to their run and say what they
-are on hover. Everything written into the SVG that came from a source (entry names) is escaped.
+success the dequeuer gave a regression warning: its counts fell against the entry's last good
+run, ``services/dequeuer/regressions.py``) is a red ring, a failure a red cross on the time
+axis; both link to their run and say what they are on hover. Everything written into the SVG
+that came from a source (entry names) is escaped.
 
 A source has a run a week in each of its entries, so a chart holds hundreds of points: the
 dots are SVG markers on the line's vertices (one ``<polyline>`` per entry, however many runs),
@@ -20,8 +21,6 @@ from markupsafe import Markup, escape
 
 from services.webhook.views.format import thousands
 
-#: A success this much below the entry's previous success is a regression.
-REGRESSION_DROP = 0.10
 WIDTH, HEIGHT = 720, 240
 _LEFT, _RIGHT, _TOP, _BOTTOM = 64, 12, 12, 28
 #: Line colours of the entries, in turn (readable on white, distinct from the red of trouble).
@@ -48,20 +47,6 @@ class Series(NamedTuple):
 
     label: str
     points: list[Point]
-
-
-def mark_regressions(points: list[Point]) -> list[Point]:
-    """``points`` (oldest first) with each success that fell by REGRESSION_DROP or more from
-    the previous success marked."""
-    marked: list[Point] = []
-    previous: int | None = None
-    for point in points:
-        if point.status == "success" and point.features is not None:
-            if previous and point.features <= previous * (1 - REGRESSION_DROP):
-                point = Point(point.run_id, point.at_s, point.status, point.features, True)
-            previous = point.features
-        marked.append(point)
-    return marked
 
 
 def draw(series: list[Series]) -> Markup | None:

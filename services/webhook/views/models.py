@@ -134,6 +134,9 @@ class Run(_Model):
     duration_s: float | None = Field(
         description="From start to finish; while running, from start to now")
     features: int | None = Field(description="Features written (index.json 'feature count')")
+    warning: str | None = Field(description=(
+        "Set on a success whose counts fell sharply against the entry's last good run "
+        "(e.g. 'features 1,000 → 850 (-15%)'): the earlier run stays the entry's good data"))
     outputs: dict[str, str] = Field(description="Output file name to its storage key")
     files: dict[str, str] = Field(description="Output file name to its download URL")
 
@@ -156,7 +159,7 @@ class Run(_Model):
             status=row["status"], source_problem=row["source_problem"], error=row["error"],
             attempt=row["attempt"], worker=row["worker"], created_at=row["created_at"],
             started_at=started, finished_at=finished, duration_s=duration,
-            features=row["features"], outputs=outputs,
+            features=row["features"], warning=row["warning"], outputs=outputs,
             files={name: f"/runs/{run_id}/{_quoted(name)}" for name in outputs},
         ))
 

@@ -58,7 +58,8 @@ SOURCE_RUNS = query("sources.runs", f"""
 #: site_published() runs a query and PostgreSQL cannot inline it: asked only of job runs.
 SOURCE_CHART = query("sources.chart", """
     SELECT r.id, r.layer, r.entry_name, r.status,
-           extract(epoch FROM r.finished_at)::float8 AS at_s, r.features
+           extract(epoch FROM r.finished_at)::float8 AS at_s, r.features,
+           r.warning IS NOT NULL AS warned
     FROM runs r
     WHERE r.source_path = $1 AND r.status IS NOT NULL AND r.finished_at IS NOT NULL
       AND (r.set_id IS NOT NULL OR site_published(r.set_id, r.job_id))
@@ -135,14 +136,15 @@ async def source_detail(
 
 
 async def chart_series(app: web.Application, source_path: str) -> list[chart.Series]:
-    """One series per entry, oldest run first, regressions marked."""
+    """One series per entry, oldest run first, regressions marked: the runs the dequeuer
+    gave a regression warning (services/dequeuer/regressions.py, the one rule)."""
     rows = await SOURCE_CHART.fetch(app[POOL], source_path)
     points: dict[str, list[chart.Point]] = defaultdict(list)
     point = chart.Point
     # By position, not name: hundreds of rows (the columns of SOURCE_CHART, in order).
-    for run_id, layer, entry_name, status, at_s, features in rows:
-        points[f"{layer}/{entry_name}"].append(point(run_id, at_s, status, features))
-    return [chart.Series(label, chart.mark_regressions(sorted(line, key=_moment)))
+    for run_id, layer, entry_name, status, at_s, features, warned in rows:
+        points[f"{layer}/{entry_name}"].append(point(run_id, at_s, status, features, warned))
+    return [chart.Series(label, sorted(line, key=_moment))
             for label, line in sorted(points.items())]
 
 

@@ -110,4 +110,4 @@ def pick(
 #: can show; of the state, only the feature count (a column of its own, migration 0007).
 RUN_COLUMNS = """r.id, r.job_id, r.set_id, r.source_path, r.layer, r.entry_name, r.status,
        r.source_problem, left(r.error, 2000) AS error, r.attempt, r.worker, r.created_at,
-       r.started_at, r.finished_at, r.features, r.outputs"""
+       r.started_at, r.finished_at, r.features, r.outputs, r.warning"""

@@ -73,6 +73,9 @@ def run_rows(runs: list[Run], source_files: Mapping[str, str | None] | None = No
         problem = f'<code class="problem">{escape(run.source_problem)}</code>' \
             if run.source_problem else ""
         message = f'<div class="message">{escape(run.error)}</div>' if run.error else ""
+        if run.warning:
+            message += (f'<div class="warning">regression warning: '
+                        f'{escape(run.warning)}</div>')
         rows.append(
             f'<tr id="run-{run.id}"><td data-label="Run"><a href="{run.url}">{run.id}</a></td>'
             f'{source}<td data-label="Layer">{run.layer}</td>'
