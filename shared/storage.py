@@ -484,13 +484,8 @@ class S3Storage(Storage):
         s3 = await self._s3()
         with self._errors(key):
             answer = await s3.get_object(Bucket=self.bucket, Key=self._full(key))
-        async with answer["Body"] as body:
-            while True:
-                with self._errors(key):
-                    chunk = await body.read(CHUNK_BYTES)
-                if not chunk:
-                    break
-                yield chunk
+        async for chunk in self._chunks(answer, key):
+            yield chunk
 
     async def size_of(self, key: str) -> int:
         """The object's ContentLength (a HEAD request)."""
@@ -508,6 +503,11 @@ class S3Storage(Storage):
         with self._errors(key):
             answer = await s3.get_object(Bucket=self.bucket, Key=self._full(key),
                                          Range=f"bytes={offset}-{offset + length - 1}")
+        async for chunk in self._chunks(answer, key):
+            yield chunk
+
+    async def _chunks(self, answer: dict[str, Any], key: str) -> AsyncGenerator[bytes, None]:
+        """A GET's body in chunks of about 1 MiB, read errors mapped like the request's."""
         async with answer["Body"] as body:
             while True:
                 with self._errors(key):

@@ -11,10 +11,10 @@ from typing import Any
 
 from aiohttp import web
 
-from services.webhook.keys import POOL, STORAGE
+from services.webhook.keys import POOL
+from services.webhook.views.files import stream_object
 from services.webhook.views.render import page
 from services.webhook.views.sql import query
-from shared.errors import NotFound
 from shared.regions import REGIONS
 
 #: The newest zip of each name; older ones stay listed in COLLECTION_FILES until deleted.
@@ -120,20 +120,9 @@ async def coverage_file(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, key: str, name: str) -> web.StreamResponse:
-    storage = request.app[STORAGE]
-    try:
-        chunks = storage.stream(key)
-        first = await anext(chunks, b"")
-    except NotFound as exc:
-        raise web.HTTPNotFound(text=f"{name} is missing from storage.") from exc
     content_type = _TYPES.get(name[name.rfind("."):], "application/octet-stream")
     headers = {"Content-Type": content_type}
     if content_type != "image/png":
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
-    response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
-    await response.write(first)
-    async for chunk in chunks:
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+    return await stream_object(request, key, headers,
+                               missing=f"{name} is missing from storage.")

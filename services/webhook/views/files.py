@@ -30,17 +30,23 @@ async def run_file(request: web.Request) -> web.StreamResponse:
     outputs = await RUN_OUTPUTS.fetchval(request.app[POOL], run_id)
     if not outputs or name not in outputs:
         raise web.HTTPNotFound(text=f"Run {run_id} has no output {name!r}.")
-    storage = request.app[STORAGE]
-    try:
-        chunks = storage.stream(outputs[name])
-        first = await anext(chunks, b"")
-    except NotFound as exc:
-        raise web.HTTPNotFound(text=f"Run {run_id}: {name} is missing from storage.") from exc
     kind = file_type(name)
-    response = web.StreamResponse(headers={
+    return await stream_object(request, outputs[name], {
         "Content-Type": kind.content_type,
         "Content-Disposition": disposition(run_id, name, kind),
-    })
+    }, missing=f"Run {run_id}: {name} is missing from storage.")
+
+
+async def stream_object(request: web.Request, key: str, headers: dict[str, str], *,
+                        missing: str) -> web.StreamResponse:
+    """A storage object streamed as the answer, with ``headers``; a 404 saying ``missing`` when
+    the object is gone (found before anything is sent, so the 404 is a whole page)."""
+    try:
+        chunks = request.app[STORAGE].stream(key)
+        first = await anext(chunks, b"")
+    except NotFound as exc:
+        raise web.HTTPNotFound(text=missing) from exc
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     await response.write(first)
     async for chunk in chunks:
