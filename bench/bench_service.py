@@ -218,13 +218,7 @@ async def bench_pipeline(runs: int, rate: float, workers: int) -> None:
                 _report_cpu(dict(zip([f"{n}-{i}" for i, n in enumerate(names)],
                                      [p.pid for p in processes], strict=True)), runs)
             finally:
-                for process in processes:
-                    process.terminate()
-                for process in processes:
-                    try:
-                        await asyncio.wait_for(process.wait(), 30)
-                    except TimeoutError:
-                        process.kill()
+                await stop_processes(processes)
         await github.stop()
         await data_runner.cleanup()
 
@@ -308,6 +302,18 @@ async def _report(database_url: str, github: TimedGitHub, sent: dict[str, float]
     print(line("push -> final status", latencies))
     print(line("pipeline's own cost (minus process time)", own))
     print(line("run process time", sorted(process_s.values())))
+
+
+async def stop_processes(processes: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM to each, then up to 30 s for each to exit before SIGKILL."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+    for process in processes:
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
 
 
 # --- the webhook's door ---------------------------------------------------------------------

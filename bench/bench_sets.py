@@ -51,7 +51,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.bench_service import _SETTING_NAMES, fresh_backends
+from bench.bench_service import _SETTING_NAMES, fresh_backends, stop_processes
 from services.demo.github import GitHubStandIn
 from shared.config import Settings
 from shared.db import create_pool
@@ -247,14 +247,7 @@ async def _processes(commands: list[list[str]], env: dict[str, str]) -> AsyncIte
     try:
         yield
     finally:
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-        for process in processes:
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
+        await stop_processes(processes)
 
 
 async def bench_simulate(runs: int, workers: list[int], scale: float, order: str) -> None:
