@@ -32,9 +32,15 @@ _MAX_BACKOFF = timedelta(minutes=30)
 
 
 async def send_statuses(
-    pool: asyncpg.Pool, github: GitHub, *, public_base_url: str = "", limit: int = 100
+    pool: asyncpg.Pool, github: GitHub, *, public_base_url: str = "", limit: int = 100,
+    job_id: int | None = None,
 ) -> int:
-    """Post unsent statuses oldest first; returns how many were posted.
+    """Post unsent statuses oldest first (only ``job_id``'s when given); returns how many were
+    posted.
+
+    ``job_id`` is for the process that just made a job and announces it: many deliveries made
+    into jobs at once would otherwise each go through every other job's rows too, trying (and
+    skipping, locked) each of them; the dequeuer and the retries send everything.
 
     Statuses of one commit must arrive in order (``pending`` before ``success``), so a failure
     worth retrying stops the later statuses of its commit until its next try, which backs off
@@ -50,9 +56,10 @@ async def send_statuses(
             """
             SELECT id, repo, sha, kind, pr_number FROM statuses
             WHERE posted_at IS NULL AND given_up_at IS NULL AND next_try_at <= now()
+              AND ($2::bigint IS NULL OR job_id = $2)
             ORDER BY id LIMIT $1
             """,
-            limit,
+            limit, job_id,
         )
     for row in rows:
         # Statuses are ordered per commit; comments per pull request.

@@ -273,7 +273,7 @@ class DeliveryProcessor:
                 row["id"], result.job_id,
             )
         if result.job_id is not None and not result.duplicate:
-            await announce(self.pool, self.github, self.settings)
+            await announce(self.pool, self.github, self.settings, result.job_id)
             # Queued in the background: the next delivery need not wait for these publishes.
             # Should this process die first, the dequeuer's sweep queues them.
             queueing = asyncio.create_task(

@@ -134,6 +134,7 @@ async def queue_runs(
     return result.queued
 
 
-async def announce(pool: asyncpg.Pool, github: GitHub, settings: Settings) -> None:
-    """Send the outbox: the new job's ``pending`` status (and its comment)."""
-    await send_statuses(pool, github, public_base_url=settings.public_base_url)
+async def announce(pool: asyncpg.Pool, github: GitHub, settings: Settings, job_id: int) -> None:
+    """Send the new job's ``pending`` status (and its comment) from the outbox; a status of the
+    same commit still waiting before it keeps it waiting, as always (the outbox's order)."""
+    await send_statuses(pool, github, public_base_url=settings.public_base_url, job_id=job_id)

@@ -317,3 +317,23 @@ async def test_retry_after_shorter_than_the_backoff_leaves_the_backoff(
             "SELECT extract(epoch FROM next_try_at - now()) FROM statuses WHERE id = $1",
             status_id))
     assert 4 <= waits[0] <= 5 and 9 <= waits[1] <= 10
+
+
+async def test_one_jobs_statuses_are_sent_alone_when_asked(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn
+) -> None:
+    # The webhook announces a job it just made with job_id: only that job's rows go.
+    jobs = []
+    async with db_pool.acquire() as conn:
+        for sha in (SHA_A, SHA_B):
+            job_id = await conn.fetchval(
+                "INSERT INTO jobs (delivery_id, event, repo, sha, ref) VALUES"
+                " ($1, 'push', $2, $3, 'refs/heads/main') RETURNING id", f"d-{sha[0]}", REPO, sha)
+            await queue_status(conn, job_id=job_id, repo=REPO, sha=sha, state="pending",
+                               description="checking", target_url=None)
+            jobs.append(job_id)
+    assert await send_statuses(db_pool, github, job_id=jobs[1]) == 1
+    assert posted(stand_in) == [(SHA_B, "pending")]
+    # Everything else is still sent by a call for all (the dequeuer's, the retries').
+    assert await send_statuses(db_pool, github) == 1
+    assert posted(stand_in) == [(SHA_B, "pending"), (SHA_A, "pending")]
