@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -30,6 +30,9 @@ DOWNLOADS = ("processed.zip", "out.csv", "out.geojson")
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+
+_M = TypeVar("_M", bound=_Model)
 
 
 def source_name(source_path: str) -> str | None:
@@ -65,6 +68,22 @@ def run_state(status: str | None, started_at: datetime | None) -> RunState:
     if status in ("success", "failure", "skipped"):
         return status  # type: ignore[return-value]
     return "running" if started_at is not None else "queued"
+
+
+_set = object.__setattr__
+
+
+def _built(cls: type[_M], values: dict[str, Any]) -> _M:
+    """``cls.model_construct(**values)`` for ``values`` that name every field of ``cls`` (no
+    defaults to fill in, no extra or private attributes): the same instance, without the
+    per-field loop that makes ``model_construct`` slower than validating. For values that
+    come from our own SQL only."""
+    built = cls.__new__(cls)
+    _set(built, "__dict__", values)
+    _set(built, "__pydantic_fields_set__", set(values))
+    _set(built, "__pydantic_extra__", None)
+    _set(built, "__pydantic_private__", None)
+    return built
 
 
 class Tally(_Model):
@@ -142,7 +161,9 @@ class Run(_Model):
 
     @classmethod
     def of(cls, row: Any, now: datetime | None = None) -> Run:
-        """From a row of ``sql.RUN_COLUMNS``."""
+        """From a row of ``sql.RUN_COLUMNS``: our own SQL's columns, of the types declared
+        here, so not validated again (a page lists 50: validating cost about 0.2 ms of it);
+        :func:`_built`."""
         run_id, path, started, finished = (row["id"], row["source_path"], row["started_at"],
                                            row["finished_at"])
         duration = None
@@ -151,17 +172,19 @@ class Run(_Model):
             duration = max((end - started).total_seconds(), 0.0)
         outputs = row["outputs"] or {}
         source = source_name(path)
-        return cls.model_validate(dict(
-            id=run_id, url=f"/runs/{run_id}", job_id=row["job_id"], set_id=row["set_id"],
-            source_path=path, source=source,
-            source_url=f"/sources/{_quoted_path(source)}" if source else None, layer=row["layer"],
-            entry_name=row["entry_name"], state=run_state(row["status"], started),
-            status=row["status"], source_problem=row["source_problem"], error=row["error"],
-            attempt=row["attempt"], worker=row["worker"], created_at=row["created_at"],
-            started_at=started, finished_at=finished, duration_s=duration,
-            features=row["features"], warning=row["warning"], outputs=outputs,
-            files={name: f"/runs/{run_id}/{_quoted(name)}" for name in outputs},
-        ))
+        status = row["status"]
+        return _built(cls, {
+            "id": run_id, "url": f"/runs/{run_id}", "job_id": row["job_id"],
+            "set_id": row["set_id"], "source_path": path, "source": source,
+            "source_url": f"/sources/{_quoted_path(source)}" if source else None,
+            "layer": row["layer"], "entry_name": row["entry_name"],
+            "state": run_state(status, started), "status": status,
+            "source_problem": row["source_problem"], "error": row["error"],
+            "attempt": row["attempt"], "worker": row["worker"], "created_at": row["created_at"],
+            "started_at": started, "finished_at": finished, "duration_s": duration,
+            "features": row["features"], "warning": row["warning"], "outputs": outputs,
+            "files": {name: f"/runs/{run_id}/{_quoted(name)}" for name in outputs},
+        })
 
     @property
     def downloads(self) -> list[str]:

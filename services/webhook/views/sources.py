@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 from urllib.parse import quote
 
@@ -135,21 +136,40 @@ async def source_detail(
                         next=next_link(path, given, before=runs[-1].id) if more else None)
 
 
-async def chart_series(app: web.Application, source_path: str) -> list[chart.Series]:
-    """One series per entry, oldest run first, regressions marked: the runs the dequeuer
-    gave a regression warning (services/dequeuer/regressions.py, the one rule)."""
+#: SOURCE_CHART's columns, by position: hundreds of rows, read without names.
+_ID, _LAYER, _ENTRY, _STATUS, _AT, _FEATURES, _WARNED = range(7)
+_MOMENT = itemgetter(_AT, _ID)
+_ENTRY_OF = itemgetter(_LAYER, _ENTRY)
+
+
+async def chart_of(app: web.Application, source_path: str) -> chart.Chart | None:
+    """One series per entry (by label), oldest run first, regressions marked: the runs the
+    dequeuer gave a regression warning (services/dequeuer/regressions.py, the one rule).
+    None: no run to draw. Per run only what the chart needs: a good run is a number pair, a
+    marked one (a regression or a failure) a :class:`chart.Point`."""
     rows = await SOURCE_CHART.fetch(app[POOL], source_path)
-    points: dict[str, list[chart.Point]] = defaultdict(list)
-    point = chart.Point
-    # By position, not name: hundreds of rows (the columns of SOURCE_CHART, in order).
-    for run_id, layer, entry_name, status, at_s, features, warned in rows:
-        points[f"{layer}/{entry_name}"].append(point(run_id, at_s, status, features, warned))
-    return [chart.Series(label, sorted(line, key=_moment))
-            for label, line in sorted(points.items())]
-
-
-def _moment(point: chart.Point) -> tuple[float, int]:
-    return point.at_s, point.run_id
+    if not rows:
+        return None
+    start_s = min(map(itemgetter(_AT), rows))
+    end_s = max(map(itemgetter(_AT), rows))
+    top = max([row[_FEATURES] or 0 for row in rows]) or 1
+    by_entry: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for row in rows:
+        by_entry[_ENTRY_OF(row)].append(row)
+    lines: dict[str, list[Any]] = {}
+    for (layer, entry_name), line in by_entry.items():
+        lines.setdefault(f"{layer}/{entry_name}", []).extend(line)
+    series = []
+    for label, line in sorted(lines.items()):
+        line.sort(key=_MOMENT)
+        good = [(row[_AT], row[_FEATURES]) for row in line
+                if row[_STATUS] == "success" and row[_FEATURES] is not None]
+        marked = [chart.Point(row[_ID], row[_AT], row[_STATUS], row[_FEATURES], row[_WARNED],
+                              *chart.place(row[_AT], row[_FEATURES], start_s, end_s, top))
+                  for row in line if row[_WARNED] or row[_STATUS] == "failure"]
+        series.append(chart.Series(label, chart.place_all(good, start_s, end_s, top),
+                                   good[-1][1] if good else None, marked))
+    return chart.Chart(start_s, end_s, top, series)
 
 
 async def sources_page(request: web.Request) -> web.Response:
@@ -165,10 +185,11 @@ async def source_page(request: web.Request) -> web.Response:
         # The page's history is its chart; its table, the latest runs in detail, pages.
         given = given.model_copy(update={"limit": PAGE_RUNS})
     detail = await source_detail(request.app, name, given, f"/sources/{quote(name)}")
-    series = await chart_series(request.app, detail.source.source_path)
-    regressions = sorted(((line.label, point) for line in series for point in line.points
-                          if point.regression), key=lambda found: -found[1].at_s)
+    drawn = await chart_of(request.app, detail.source.source_path)
+    regressions = sorted(((line.label, point) for line in (drawn.series if drawn else ())
+                          for point in line.marked if point.regression),
+                         key=lambda found: -found[1].at_s)
     return page(request, "source.html", title=name, name=name, detail=detail,
-                chart=chart.draw(series), legend=chart.legend(series),
+                chart=chart.draw(drawn), legend=chart.legend(drawn),
                 regressions=regressions[:REGRESSIONS_LISTED],
                 regressions_more=len(regressions) - REGRESSIONS_LISTED)

@@ -11,6 +11,7 @@ around them (``templates/macros.html`` and the pages).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -18,6 +19,14 @@ from markupsafe import Markup, escape
 
 from services.webhook.views.format import DASH, duration, percent, thousands
 from services.webhook.views.models import DOWNLOADS, Entry, Job, Run, Set, Source, Tally
+
+_MARKUP_CHARS = re.compile("[&<>\"']")
+
+
+def _text(value: str) -> str:
+    """:func:`escape` for text from outside, which mostly has nothing to escape: checked first
+    (a fifth of the cost of building the escaped copy, several times a row)."""
+    return escape(value) if _MARKUP_CHARS.search(value) else value
 
 
 def _iso(moment: datetime) -> str:
@@ -41,13 +50,13 @@ def _started(run: Run) -> str:
 
 
 def _source(run: Run, file_url: str | None) -> str:
-    path = escape(run.source_path)
+    path = _text(run.source_path)
     if run.source_url is None:
         return str(path)
     # source_url and the files' URLs are percent-quoted by models.py: nothing to escape.
-    name = f'<a href="{run.source_url}">{escape(run.source)}</a>'
+    name = f'<a href="{run.source_url}">{_text(run.source or "")}</a>'
     if file_url:
-        return f'{name}<a class="file" href="{escape(file_url)}">{path}</a>'
+        return f'{name}<a class="file" href="{_text(file_url)}">{path}</a>'
     return f'{name}<span class="file">{path}</span>'
 
 
@@ -70,16 +79,16 @@ def run_rows(runs: list[Run], source_files: Mapping[str, str | None] | None = No
         if show_source:
             url = source_files.get(run.source_path) if source_files else None
             source = f'<td data-label="Source">{_source(run, url)}</td>'
-        problem = f'<code class="problem">{escape(run.source_problem)}</code>' \
+        problem = f'<code class="problem">{_text(run.source_problem)}</code>' \
             if run.source_problem else ""
-        message = f'<div class="message">{escape(run.error)}</div>' if run.error else ""
+        message = f'<div class="message">{_text(run.error)}</div>' if run.error else ""
         if run.warning:
             message += (f'<div class="warning">regression warning: '
-                        f'{escape(run.warning)}</div>')
+                        f'{_text(run.warning)}</div>')
         rows.append(
             f'<tr id="run-{run.id}"><td data-label="Run"><a href="{run.url}">{run.id}</a></td>'
             f'{source}<td data-label="Layer">{run.layer}</td>'
-            f'<td data-label="Entry">{escape(run.entry_name) if run.entry_name else DASH}</td>'
+            f'<td data-label="Entry">{_text(run.entry_name) if run.entry_name else DASH}</td>'
             f'<td data-label="State">{_badge(run.state)}{problem}{message}</td>'
             f'<td class="when" data-label="Started">{_started(run)}</td>'
             f'<td class="number" data-label="Duration">{duration(run.duration_s)}</td>'
