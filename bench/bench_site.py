@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -391,34 +392,44 @@ async def _bench(args: argparse.Namespace, url: str, *, fresh: bool) -> int:
         ("/api/runs?before=<random>", lambda: f"/api/runs?before={pick.randint(50, newest_run)}"),
     ]
     with tempfile.TemporaryDirectory(prefix="oa-bench-site-") as tmp:
-        port = _free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES},
-            "DATABASE_URL": url, "AMQP_URL": AMQP, "STORAGE_URL": Path(tmp).as_uri(),
-            "HTTP_PORT": str(port), "LOG_LEVEL": "info", "LOG_FORMAT": "json",
-            "WEBHOOK_SECRETS": "bench-secret",
-        }
-        webhook = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services", "webhook", env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        # --processes N: N webhook processes, as N replicas behind a load balancer (the k8s
+        # base runs at least two); the clients take them in turn, request by request.
+        ports = [_free_port() for _ in range(args.processes)]
+        webhooks = []
+        for port in ports:
+            env = {
+                **{k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES},
+                "DATABASE_URL": url, "AMQP_URL": AMQP, "STORAGE_URL": Path(tmp).as_uri(),
+                "HTTP_PORT": str(port), "LOG_LEVEL": "info", "LOG_FORMAT": "json",
+                "WEBHOOK_SECRETS": "bench-secret",
+            }
+            webhooks.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services", "webhook", env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
         try:
-            base = f"http://127.0.0.1:{port}"
-            await _wait_ready(base)
+            bases = [f"http://127.0.0.1:{port}" for port in ports]
+            for base in bases:
+                await _wait_ready(base)
+            turn = itertools.cycle(bases)
             print(f"{args.clients} concurrent clients, {args.requests} requests per page "
-                  f"(after {args.warmup} to warm up):")
-            connector = aiohttp.TCPConnector(limit=args.clients)
-            async with aiohttp.ClientSession(base, connector=connector) as session:
+                  f"(after {args.warmup} to warm up), {args.processes} webhook process(es):")
+            connector = aiohttp.TCPConnector(limit=args.clients * args.processes)
+            async with aiohttp.ClientSession(connector=connector) as session:
                 for label, path in pages:
-                    await _hammer(session, path, clients=args.clients, requests=args.warmup)
-                    latencies, wall_s = await _hammer(session, path, clients=args.clients,
+                    def address(path: Callable[[], str] = path) -> str:
+                        return next(turn) + path()
+
+                    await _hammer(session, address, clients=args.clients, requests=args.warmup)
+                    latencies, wall_s = await _hammer(session, address, clients=args.clients,
                                                       requests=args.requests)
                     print(_line(label, latencies, wall_s), flush=True)
                     p95 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))]
                     failed |= p95 >= 0.100
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                webhook.terminate()
-            await webhook.wait()
+            for webhook in webhooks:
+                with contextlib.suppress(ProcessLookupError):
+                    webhook.terminate()
+                await webhook.wait()
     return 1 if failed else 0
 
 
@@ -431,6 +442,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="webhook processes the clients take in turn (replicas)")
     parser.add_argument("--keep", action="store_true", help="keep the seeded database")
     parser.add_argument("--database", help="reuse a database seeded with --keep")
     parser.add_argument("--plans", action="store_true", help="print every query's scans")
