@@ -9,7 +9,8 @@ Seeds a fresh database (``oa_bench_site_<hex>``, or ``--database NAME`` to reuse
 earlier with ``--keep``) with ``runs`` runs: every entry of ``sources`` sources (one to four
 entries each) in each of ``sets`` weekly sets (the newest still in progress), the rest in jobs
 of three runs (pushes and pull requests); realistic ``index.json`` states, outputs and source
-documents; workers. The site's triggers are off while it loads and ``entries`` is rebuilt
+documents; workers. Each finished set stores its counts, as when a set finishes in production
+(``shared.sets.set_counts``). The site's triggers are off while it loads and ``entries`` is rebuilt
 after (``site_rebuild_entries()``), then ``VACUUM ANALYZE``. It prints how long that took.
 
 Then it ``EXPLAIN``s every query of the site (``services/webhook/views/sql.py``'s catalogue)
@@ -48,6 +49,7 @@ from bench.bench_service import _SETTING_NAMES, _free_port, _wait_ready
 from services.webhook.views import api, files, home, jobs, runs, sets, sources, state, workers
 from services.webhook.views.sql import CATALOGUE, NO_CURSOR
 from shared.db import migrate
+from shared.sets import set_counts
 
 SERVER = os.environ.get("OA_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 AMQP = os.environ.get("OA_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -192,7 +194,7 @@ async def seed(conn: asyncpg.Connection, *, runs: int, sources: int, sets: int,
         SELECT 'weekly', now() - ($1 - g) * interval '7 days' - interval '2 hours',
                CASE WHEN g < $1 THEN now() - ($1 - g) * interval '7 days' + interval '18 hours'
                END,
-               CASE WHEN g < $1 THEN 'success' END
+               CASE WHEN g < $1 THEN 'done' END
         FROM generate_series(1, $1::int) g
         """, sets)
     set_ids = [row["id"] for row in await conn.fetch("SELECT id FROM sets ORDER BY id")]
@@ -201,6 +203,9 @@ async def seed(conn: asyncpg.Connection, *, runs: int, sources: int, sets: int,
         await conn.execute(_SET_RUNS, set_id, entries)
         if number % 20 == 0:
             say(f"  {number} sets of {entries:,} runs ({time.perf_counter() - started:.0f} s)")
+    # Each finished set stores its counts, as shared/sets.settle_sets does when one finishes.
+    for set_id in set_ids[:-1]:
+        await store_counts(conn, set_id)
     job_runs = max(runs - entries * sets, 0)
     per_job = 3
     job_count = job_runs // per_job
@@ -235,6 +240,12 @@ async def seed(conn: asyncpg.Connection, *, runs: int, sources: int, sets: int,
     await conn.execute("SELECT site_rebuild_entries()")
     return {"entries": entries, "sets": sets, "jobs": job_count,
             "runs": await conn.fetchval("SELECT count(*) FROM runs")}
+
+
+async def store_counts(conn: asyncpg.Connection, set_id: int) -> None:
+    counts = await set_counts(conn, set_id)
+    await conn.execute("UPDATE sets SET counts = $2::jsonb WHERE id = $1", set_id,
+                       json.dumps(counts))
 
 
 # --- Plans ----------------------------------------------------------------------------------

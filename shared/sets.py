@@ -3,8 +3,10 @@
 A set is over once every one of its runs is; the first transaction to see that (guarded by
 ``WHERE finished_at IS NULL``) stores its counts: ``runs``, ``succeeded`` (without a warning),
 ``failed`` and ``failed_by_problem``, ``skipped``, ``reused`` (outputs of an earlier run kept),
-``warned`` (a regression warning). Call :func:`settle_sets` inside the transaction that settles
-runs of sets, as :func:`shared.jobs.settle_jobs` for jobs.
+``warned`` (a regression warning), and ``by_problem``: every run with a problem code, failed or
+skipped, by code (what the set's page lists; the results site reads a finished set's counts
+from here instead of counting its thousands of runs). Call :func:`settle_sets` inside the
+transaction that settles runs of sets, as :func:`shared.jobs.settle_jobs` for jobs.
 """
 
 from __future__ import annotations
@@ -68,10 +70,18 @@ async def set_counts(conn: asyncpg.Connection | asyncpg.Pool, set_id: int) -> di
         """,
         set_id,
     )
+    by_problem = await conn.fetch(
+        """
+        SELECT source_problem AS problem, count(*) AS n FROM runs
+        WHERE set_id = $1 AND source_problem IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1
+        """,
+        set_id,
+    )
     assert row is not None
     counts: dict[str, Any] = {key: int(row[key]) for key in
                               ("runs", "succeeded", "failed", "skipped", "reused", "warned")}
     counts["failed_by_problem"] = {item["problem"]: int(item["n"]) for item in problems}
+    counts["by_problem"] = {item["problem"]: int(item["n"]) for item in by_problem}
     if row["open"]:
         counts["open"] = int(row["open"])
     return counts

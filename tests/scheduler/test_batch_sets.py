@@ -241,7 +241,8 @@ async def test_the_queue_is_fed_under_its_depth_job_tasks_go_first_and_the_set_f
     assert row["status"] == "done" and row["finished_at"] is not None
     assert row["counts"] == {"runs": 12, "succeeded": 10, "failed": 1, "skipped": 0,
                              "reused": 1, "warned": 1,
-                             "failed_by_problem": {"conform_failed": 1}}
+                             "failed_by_problem": {"conform_failed": 1},
+                             "by_problem": {"conform_failed": 1}}
     warned = await db_pool.fetchrow(
         "SELECT * FROM runs WHERE set_id = $1 AND source_path = 'sources/us/ks/town_03.json'",
         made.set_id)

@@ -26,6 +26,8 @@ from services.webhook.views import cache
 from services.webhook.views.headers import FILE_POLICY, PAGE_POLICY
 from services.webhook.views.state import REFERENCE_COLUMNS
 from shared.config import Settings
+from shared.db import load_migrations
+from shared.sets import settle_sets
 from shared.storage import open_storage
 from tests.webhook.conftest import PUBLIC_BASE_URL, start_site
 from tests.webhook.site_data import NOW, XSS, World, add_run
@@ -374,6 +376,64 @@ async def test_finished_set_is_not_refreshed(site: Client, site_world: World) ->
     response = await site.get(f"/sets/{site_world.sets['old']}")
     assert response.status == 200 and "Refresh" not in response.headers
     assert "100.0 %" in await response.text()
+
+
+async def _finish_open_set(db_pool: asyncpg.Pool, world: World) -> int:
+    """The open set's two open runs settled, then the set finished as the dequeuer does."""
+    set_id = world.sets["open"]
+    await db_pool.execute("UPDATE runs SET status = 'success', finished_at = $2 WHERE id = $1",
+                          world.runs["set_running"], NOW)
+    await db_pool.execute(
+        "UPDATE runs SET status = 'failure', source_problem = 'download_failed', "
+        "finished_at = $2 WHERE id = $1", world.runs["set_queued"], NOW)
+    async with db_pool.acquire() as conn, conn.transaction():
+        assert await settle_sets(conn, [set_id]) == [set_id]
+    return set_id
+
+
+async def test_finished_set_pages_read_the_counts_it_stored(
+    site: Client, site_world: World, db_pool: asyncpg.Pool
+) -> None:
+    set_id = await _finish_open_set(db_pool, site_world)
+    stored = await db_pool.fetchval("SELECT counts FROM sets WHERE id = $1", set_id)
+    assert stored["by_problem"] == {"download_failed": 2, "skip_source": 1}
+    pages = (f"/sets/{set_id}", "/sets/", f"/api/sets/{set_id}", "/api/sets")
+    from_stored = [await (await site.get(path)).text() for path in pages]
+    text = from_stored[0]
+    assert '<progress value="6" max="6">6 of 6</progress> 6 of 6 settled' in text
+    for state, count in (("failure", 2), ("skipped", 1), ("success", 3)):
+        assert f'<span class="{state}">{state}</span> ({count})' in text
+    assert "<code>download_failed</code> (2)" in text and "<code>skip_source</code> (1)" in text
+    assert text.index("download_failed</code> (") < text.index("skip_source</code> (")
+
+    # Counted from the runs instead (counts stored before migration 0009 lack by_problem):
+    # every page and answer is the same.
+    await db_pool.execute("UPDATE sets SET counts = counts - 'by_problem' WHERE id = $1", set_id)
+    site.app[SITE_CACHE].forget()
+    assert [await (await site.get(path)).text() for path in pages] == from_stored
+
+    # And the pages do read what was stored, without counting again.
+    await db_pool.execute(
+        "UPDATE sets SET counts = counts || '{\"by_problem\": {\"only_stored\": 7}, "
+        "\"failed\": 5}' WHERE id = $1", set_id)
+    site.app[SITE_CACHE].forget()
+    text = await html(site, f"/sets/{set_id}")
+    assert "<code>only_stored</code> (7)" in text and "download_failed</code> (" not in text
+    assert '<span class="failure">failure</span> (5)' in text
+
+
+async def test_migration_0009_stores_what_a_finishing_set_stores(
+    site: Client, site_world: World, db_pool: asyncpg.Pool
+) -> None:
+    set_id = await _finish_open_set(db_pool, site_world)
+    stored = await db_pool.fetchval("SELECT counts FROM sets WHERE id = $1", set_id)
+    await db_pool.execute("UPDATE sets SET counts = counts - 'by_problem' WHERE id = $1", set_id)
+    (migration,) = [found for found in load_migrations() if found.version == "0009"]
+    await db_pool.execute(migration.sql)
+    assert await db_pool.fetchval("SELECT counts FROM sets WHERE id = $1", set_id) == stored
+    # Sets in progress and sets that stored nothing are left alone.
+    assert await db_pool.fetchval(
+        "SELECT count(*) FROM sets WHERE counts ? 'by_problem'") == 1
 
 
 # --- Workers ----------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """What the site keeps in memory between requests, and why each is safe to keep.
 
-* The counts of finished sets (by state, by problem): a finished set has no open run left, so
-  they never change again. A set in progress is counted again once its counts are
+* The counts of sets (by state, by problem) that are not stored: a finished set stores its own
+  when it finishes (``shared/sets.py``, read by ``tallies.py``); one that finished before
+  those held what the site shows is counted once and kept for good, as its runs never change
+  again. A set in progress is counted again once its counts are
   :data:`OPEN_SET_MAX_AGE_S` old: its page refreshes every 30 s, and counting it costs a pass
   over thousands of index entries that twenty readers would otherwise repeat every second.
 * ``state.txt`` (and its ETag): one row per entry (thousands), built at most every

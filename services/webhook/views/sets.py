@@ -24,7 +24,7 @@ from services.webhook.views.render import page
 from services.webhook.views.sql import NO_CURSOR, RUN_COLUMNS, Filter, pick, query, variants
 from services.webhook.views.tallies import set_problems, set_tallies
 
-_SET_COLUMNS = "id, kind, created_at, finished_at, status"
+_SET_COLUMNS = "id, kind, created_at, finished_at, status, counts"
 
 SET_LIST = query("sets.list", f"""
     SELECT {_SET_COLUMNS} FROM sets WHERE id < $1 ORDER BY id DESC LIMIT $2
@@ -94,8 +94,7 @@ async def set_detail(
     runs = [Run.of(run, now) for run in rows]
     more = len(rows) == given.limit
     cursor = f"{rows[-1]['rank']}.{rows[-1]['id']}" if rows else ""
-    problems = await set_problems(pool, app[SITE_CACHE], set_id, tallies[set_id],
-                                  row["finished_at"] is not None)
+    problems = await set_problems(pool, app[SITE_CACHE], row, tallies[set_id])
     return SetDetail(set=set_of(row, tallies[set_id]), problems=problems, runs=runs,
                      next=next_link(path, given, after=cursor) if more else None)
 

@@ -20,7 +20,7 @@ SET_TALLIES = query("tallies.sets", """
 SET_PROBLEMS = query("tallies.set_problems", """
     SELECT source_problem, count(*) AS runs
     FROM runs WHERE set_id = $1 AND source_problem IS NOT NULL
-    GROUP BY 1 ORDER BY 2 DESC, 1
+    GROUP BY 1
 """, "set_id")
 JOB_TALLIES = query("tallies.jobs", """
     SELECT job_id AS owner, site_run_rank(status, started_at) AS rank, count(*) AS runs
@@ -42,14 +42,40 @@ async def job_tallies(db: asyncpg.Pool, job_ids: list[int]) -> dict[int, Tally]:
     return _tallies(await JOB_TALLIES.fetch(db, job_ids), job_ids)
 
 
+def _stored(row: Any) -> dict[str, Any] | None:
+    """The counts a finished set stored (``shared/sets.py``), when they hold what the site
+    shows; sets finished before migration 0009 stored them without ``by_problem``."""
+    counts = row["counts"]
+    if row["finished_at"] is None or not counts or "by_problem" not in counts:
+        return None
+    return counts
+
+
+def stored_tally(counts: dict[str, Any]) -> Tally:
+    # A set finishes only when none of its runs is open, and its runs never reopen.
+    failed, skipped = counts["failed"], counts["skipped"]
+    return Tally(total=counts["runs"], success=counts["runs"] - failed - skipped,
+                 failure=failed, skipped=skipped)
+
+
+def by_problem(counts: dict[str, int]) -> dict[str, int]:
+    """Problems most frequent first, then by code (jsonb keeps no key order)."""
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
 async def set_tallies(
     db: asyncpg.Pool, cache: SiteCache, sets: list[Any]
 ) -> dict[int, Tally]:
-    """Tallies of ``sets`` (rows with ``id`` and ``finished_at``): from the cache when kept
-    (``cache.py`` says for how long), the others counted now."""
+    """Tallies of ``sets`` (rows with ``id``, ``finished_at`` and ``counts``): a finished set's
+    from its stored counts, the others' from the cache when kept (``cache.py`` says for how
+    long), or counted now."""
     found: dict[int, Tally] = {}
     wanted: list[int] = []
     for row in sets:
+        stored = _stored(row)
+        if stored is not None:
+            found[row["id"]] = stored_tally(stored)
+            continue
         kept = cache.set_tallies.get(row["id"])
         if kept is not None:
             found[row["id"]] = kept
@@ -65,17 +91,22 @@ async def set_tallies(
 
 
 def _max_age(finished: bool, tally: Tally) -> float | None:
-    # A finished set without open runs never changes again (a run requeued after the set
-    # finished is open: then it is counted again like a set in progress).
+    # A finished set without open runs never changes again.
     return None if finished and tally.open == 0 else OPEN_SET_MAX_AGE_S
 
 
 async def set_problems(
-    db: asyncpg.Pool, cache: SiteCache, set_id: int, tally: Tally, finished: bool
+    db: asyncpg.Pool, cache: SiteCache, row: Any, tally: Tally
 ) -> dict[str, int]:
-    """The set's failed and skipped runs by problem, kept as long as its ``tally``."""
+    """The failed and skipped runs of the set of ``row`` by problem: a finished set's stored,
+    the others' kept as long as its ``tally``."""
+    stored = _stored(row)
+    if stored is not None:
+        return by_problem(stored["by_problem"])
+    set_id = row["id"]
     kept = cache.set_problems.get(set_id)
     if kept is None:
-        kept = {row["source_problem"]: row["runs"] for row in await SET_PROBLEMS.fetch(db, set_id)}
-        cache.set_problems.keep(set_id, kept, _max_age(finished, tally))
+        kept = by_problem({found["source_problem"]: found["runs"]
+                           for found in await SET_PROBLEMS.fetch(db, set_id)})
+        cache.set_problems.keep(set_id, kept, _max_age(row["finished_at"] is not None, tally))
     return kept
