@@ -89,5 +89,7 @@ def _headline(state: str, counts: Mapping[str | None, int]) -> str:
 
 
 def _cell(text: str) -> str:
-    """Text safe inside a table cell: no pipe, no line break."""
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text safe inside a table cell: no pipe, no line break, no HTML of its own (names and
+    problems are written by contributors)."""
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return escaped.replace("|", "\\|").replace("\n", " ")

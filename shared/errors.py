@@ -44,15 +44,18 @@ class GitHubError(OAMachineError):
     """GitHub's API answered with an error, or not at all.
 
     ``status`` is the HTTP status (None when GitHub did not answer); ``retry_after_s`` is
-    GitHub's ``Retry-After`` in seconds when it sent one.
+    GitHub's ``Retry-After`` in seconds when it sent one. ``reason`` says what went wrong first
+    and briefly, for people (a commit status has 140 characters); the message has the details.
     """
 
     def __init__(
-        self, message: str, status: int | None = None, *, retry_after_s: float | None = None
+        self, message: str, status: int | None = None, *, retry_after_s: float | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
+        self.reason = reason or message
 
 
 class NotACommit(GitHubError):

@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 
@@ -42,6 +42,8 @@ _SHA = re.compile(SHA_PATTERN)
 #: there (404) or no longer is (410), a payload GitHub refuses (422).
 PERMANENT_STATUSES: Final = frozenset({400, 404, 410, 422})
 
+#: The most files ``compare`` lists; a comparison of more is cut there, silently.
+COMPARE_MAX_FILES: Final = 300
 #: GitHub refuses descriptions longer than this.
 _MAX_DESCRIPTION = 140
 _TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
@@ -55,6 +57,18 @@ _MAX_PAGES = 30
 #: A longer ``Retry-After`` is taken as this: a typo on the other side must not park a status
 #: for years (nor overflow a ``timedelta``).
 _MAX_RETRY_AFTER_S = 24 * 3600.0
+
+
+def _brief(url: str) -> str:
+    """What a request asked for, without the API's address, the repository or the query:
+    ``contents/sources/us/ca/alameda.json`` (the repository is the status's own)."""
+    path = urlsplit(url).path
+    parts = path.split("/")
+    if "repos" in parts:
+        rest = parts[parts.index("repos") + 3:]
+        if rest:
+            return unquote("/".join(rest))
+    return unquote(path)
 
 
 def is_sha(value: str) -> bool:
@@ -266,6 +280,7 @@ class GitHub:
                         error = GitHubError(
                             f"{method} {url}: HTTP {response.status}: {text}", response.status,
                             retry_after_s=self._limited_for_s(response),
+                            reason=f"GitHub answered HTTP {response.status} to {_brief(url)}",
                         )
                         failures += 1
                         # 5xx and rate limits may pass; other 4xx answers will not.
@@ -285,7 +300,10 @@ class GitHub:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 failures += 1
                 if failures >= tries:
-                    raise GitHubError(f"{method} {url}: {exc!r}") from exc
+                    raise GitHubError(
+                        f"{method} {url}: {exc!r}",
+                        reason=f"GitHub did not answer ({type(exc).__name__}) to {_brief(url)}",
+                    ) from exc
                 await asyncio.sleep(_BACKOFF_S * 2 ** failures)
             except ValueError as exc:
                 raise GitHubError(f"{method} {url}: the answer is not JSON: {exc}") from exc
@@ -314,6 +332,7 @@ class GitHub:
             raise GitHubError(
                 f"{what}: not sent, the rate limit resets in {wait_s:.0f} s", 429,
                 retry_after_s=min(wait_s, _MAX_RETRY_AFTER_S),
+                reason=f"GitHub's rate limit, which resets in {wait_s:.0f} s",
             )
         await asyncio.sleep(wait_s)
 
@@ -348,6 +367,12 @@ class Comparison:
 
     merge_base: str
     files: list[ChangedFile]
+
+    @property
+    def may_be_cut(self) -> bool:
+        """GitHub lists at most 300 of a comparison's files (not paginated): with that many,
+        others may be missing."""
+        return len(self.files) >= COMPARE_MAX_FILES
 
 
 def fit_description(text: str) -> str:

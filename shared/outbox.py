@@ -8,10 +8,10 @@ answer no retry can change (:func:`shared.github.is_permanent`) gives the row up
 error, never tried again, no longer in the way of the rows after it.
 
 A comment row asks for the pull request's one comment to be brought up to date: its text is
-rendered when it is sent, from the pull request's latest job (:mod:`shared.comments`), so the
-order of comment rows does not matter and sending one sends every older one of that pull
-request too. The comment is created the first time and edited in place afterwards; one that
-was deleted on GitHub is created again.
+rendered when it is sent, from the newest job of the pull request's current head
+(:mod:`shared.comments`), so the order of comment rows does not matter and sending one sends
+every older one of that pull request too. The comment is created the first time and edited in
+place afterwards; one that was deleted on GitHub is created again.
 """
 
 from __future__ import annotations
@@ -164,13 +164,21 @@ async def _send_comment(
         "INSERT INTO pull_requests (repo, number) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         repo, number,
     )
-    comment_id = await conn.fetchval(
-        "SELECT comment_id FROM pull_requests WHERE repo = $1 AND number = $2 FOR UPDATE",
+    pull = await conn.fetchrow(
+        "SELECT comment_id, head_sha FROM pull_requests WHERE repo = $1 AND number = $2"
+        " FOR UPDATE",
         repo, number,
     )
+    assert pull is not None
+    comment_id = pull["comment_id"]
+    # The newest job of the pull request's head; a job of an older commit made late (its
+    # delivery retried after GitHub failed) does not take the comment over.
     job = await conn.fetchrow(
-        "SELECT * FROM jobs WHERE repo = $1 AND pr_number = $2 ORDER BY id DESC LIMIT 1",
-        repo, number,
+        """
+        SELECT * FROM jobs WHERE repo = $1 AND pr_number = $2
+        ORDER BY sha IS NOT DISTINCT FROM $3 DESC, id DESC LIMIT 1
+        """,
+        repo, number, pull["head_sha"],
     )
     if job is None:
         await _mark_comments_sent(conn, repo, number, row["id"])

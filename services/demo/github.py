@@ -96,6 +96,8 @@ class GitHubStandIn:
     delay_s: float = 0.0
     #: repo -> (default branch, head commit, {path: content}) served as a git tree and blobs.
     trees: dict[str, tuple[str, str, dict[str, bytes]]] = field(default_factory=dict)
+    #: (repo, commit) -> {path: content}: trees of other commits than a default branch's head.
+    commit_trees: dict[tuple[str, str], dict[str, bytes]] = field(default_factory=dict)
     #: Blob SHA -> content of every file ever served in a tree.
     _blobs: dict[str, bytes] = field(default_factory=dict)
     #: How many blobs were asked for (a set must not read an unchanged file again).
@@ -131,6 +133,12 @@ class GitHubStandIn:
         """Serve ``files`` as the tree of ``head``, the head of ``branch``, the default branch;
         blob SHAs are git's own (so an unchanged file keeps its SHA)."""
         self.trees[repo] = (branch, head, dict(files))
+        for content in files.values():
+            self._blobs[git_blob_sha(content)] = content
+
+    def add_commit_tree(self, repo: str, sha: str, files: dict[str, bytes]) -> None:
+        """Serve ``files`` as the tree of the commit ``sha`` (and their blobs)."""
+        self.commit_trees[(repo, sha)] = dict(files)
         for content in files.values():
             self._blobs[git_blob_sha(content)] = content
 
@@ -229,12 +237,17 @@ class GitHubStandIn:
         return web.json_response({"name": tree[0], "commit": {"sha": tree[1]}})
 
     async def _tree(self, request: web.Request) -> web.Response:
-        tree = self._tree_of(request)
-        if tree is None or request.match_info["sha"] != tree[1]:
-            return web.json_response({"message": "Not Found"}, status=404)
+        repo = f"{request.match_info['owner']}/{request.match_info['name']}"
+        sha = request.match_info["sha"]
+        files = self.commit_trees.get((repo, sha))
+        if files is None:
+            tree = self._tree_of(request)
+            if tree is None or sha != tree[1]:
+                return web.json_response({"message": "Not Found"}, status=404)
+            files = tree[2]
         items = [{"path": path, "type": "blob", "sha": git_blob_sha(content), "mode": "100644"}
-                 for path, content in sorted(tree[2].items())]
-        return web.json_response({"sha": tree[1], "tree": items, "truncated": False})
+                 for path, content in sorted(files.items())]
+        return web.json_response({"sha": sha, "tree": items, "truncated": False})
 
     async def _blob(self, request: web.Request) -> web.Response:
         wanted = request.match_info["sha"]

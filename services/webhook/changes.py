@@ -13,7 +13,9 @@ Where the changed files come from:
   (a fork's), the base from the base repository at the pull request's base commit;
 * a push to the default branch: the file lists of the push's commits, the base at ``before``;
 * a push to another branch: ``GET compare/{default}...{head}``, the base at the merge base, so
-  a branch's check covers everything it changes, not only its last commits.
+  a branch's check covers everything it changes, not only its last commits. GitHub lists at
+  most 300 files of a comparison; with that many the changed sources are found instead by
+  comparing the two commits' trees (``GET git/trees/{sha}?recursive=1``, blob by blob).
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ async def plan_push(event: PushEvent, github: GitHub) -> Plan:
         base = event.before if event.before != ZERO_SHA else None
     else:
         comparison = await github.compare(repo, event.repository.default_branch, sha)
-        paths = _source_files(comparison.files)
         base = comparison.merge_base
+        if comparison.may_be_cut:
+            paths = await _tree_changes(github, repo, base, sha)
+        else:
+            paths = _source_files(comparison.files)
     sources = await read_changes(github, paths, head_repo=repo, head_sha=sha, base_repo=repo,
                                  base_sha=base)
     return Plan("push", repo, repo, sha, event.ref, base, None, sources)
@@ -98,6 +103,17 @@ async def plan_pull_request_event(event: PullRequestEvent, github: GitHub) -> Pl
         github, repo=event.repository.full_name, number=event.number,
         head_repo=event.head_repo, head_sha=pr.head.sha, base_sha=pr.base.sha, ref=pr.head.ref,
     )
+
+
+async def _tree_changes(
+    github: GitHub, repo: str, base: str, head: str
+) -> list[tuple[str, str | None]]:
+    """The changed sources of a comparison too large for ``compare`` to list, from the two
+    commits' trees: a source whose blob differs at the head, or that is new there."""
+    before = {item.path: item.sha for item in await github.tree(repo, base)}
+    after = await github.tree(repo, head)
+    return sorted((item.path, item.path if item.path in before else None) for item in after
+                  if is_source_path(item.path) and before.get(item.path) != item.sha)
 
 
 def _source_files(files: Sequence[ChangedFile]) -> list[tuple[str, str | None]]:

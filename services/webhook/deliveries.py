@@ -58,6 +58,8 @@ WAKE_DELAY_S = 0.02
 WAKE_MAX_DELAY_S = 0.25
 #: Re-runs asked for in comments: at most one per pull request in this time.
 RERUN_INTERVAL = timedelta(minutes=1)
+#: The event of a job made for a re-run asked in a comment.
+RERUN = "rerun"
 
 
 @dataclass(frozen=True)
@@ -251,10 +253,9 @@ class DeliveryProcessor:
         if isinstance(payload, str):  # stored by a process without the JSON codec
             payload = json.loads(payload)
         try:
-            plan = await self._plan(row["event"], payload)
+            plan = await self._plan(row["id"], row["event"], payload)
         except Ignored as reason:
-            await self._finish(row, "ignored", None, str(reason))
-            log.info("delivery.ignored", delivery=row["delivery_id"], reason=str(reason))
+            await self._ignore(row, str(reason))
             return
         async with self.pool.acquire() as conn, conn.transaction():
             still_open = await conn.fetchval(
@@ -263,15 +264,21 @@ class DeliveryProcessor:
             )
             if not still_open:
                 return
-            result = await create_job(conn, plan, row["delivery_id"], self.settings)
-            await conn.execute(
-                """
-                UPDATE deliveries SET processed_at = now(), outcome = 'job', job_id = $2,
-                       claimed_until = NULL, last_error = NULL
-                WHERE id = $1
-                """,
-                row["id"], result.job_id,
-            )
+            too_soon = plan.event == RERUN and not await _mark_rerun(conn, plan)
+            if not too_soon:
+                result = await create_job(conn, plan, row["delivery_id"], self.settings)
+                await conn.execute(
+                    """
+                    UPDATE deliveries SET processed_at = now(), outcome = 'job', job_id = $2,
+                           claimed_until = NULL, last_error = NULL
+                    WHERE id = $1
+                    """,
+                    row["id"], result.job_id,
+                )
+        if too_soon:
+            # Another re-run of this pull request made its job while this one read GitHub.
+            await self._ignore(row, _too_soon(plan.repo, plan.pr_number))
+            return
         if result.job_id is not None and not result.duplicate:
             await announce(self.pool, self.github, self.settings, result.job_id)
             # Queued in the background: the next delivery need not wait for these publishes.
@@ -281,13 +288,17 @@ class DeliveryProcessor:
             self._queueing.add(queueing)
             queueing.add_done_callback(self._queued)
 
-    async def _plan(self, event: str, payload: dict[str, Any]) -> Plan:
+    async def _ignore(self, row: asyncpg.Record, reason: str) -> None:
+        await self._finish(row, "ignored", None, reason)
+        log.info("delivery.ignored", delivery=row["delivery_id"], reason=reason)
+
+    async def _plan(self, row_id: int, event: str, payload: dict[str, Any]) -> Plan:
         try:
             if event == "push":
                 return await plan_push(PushEvent.model_validate(payload), self.github)
             if event == "pull_request":
                 pull = PullRequestEvent.model_validate(payload)
-                await self._remember(pull)
+                await self._remember(pull, row_id)
                 return await plan_pull_request_event(pull, self.github)
             if event == "issue_comment":
                 return await self._plan_rerun(IssueCommentEvent.model_validate(payload))
@@ -296,48 +307,47 @@ class DeliveryProcessor:
             raise Ignored(f"payload not understood: {exc.errors()[0]['msg']}") from exc
         raise Ignored(f"event {event!r} is not handled")
 
-    async def _remember(self, pull: PullRequestEvent) -> None:
-        """Keep the pull request's head and author, for re-runs asked in comments."""
+    async def _remember(self, pull: PullRequestEvent, row_id: int) -> None:
+        """Keep the pull request's head and author, for re-runs asked in comments and for its
+        comment. Deliveries are stored in the order they arrive; one processed late (retried
+        after GitHub failed) must not put an older head back over a newer one."""
         pr = pull.pull_request
         await self.pool.execute(
             """
             INSERT INTO pull_requests (repo, number, head_sha, head_repo, base_sha, base_ref,
-                                       author, updated_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+                                       author, updated_at, head_delivery)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)
             ON CONFLICT (repo, number) DO UPDATE SET head_sha = $3, head_repo = $4,
-                   base_sha = $5, base_ref = $6, author = $7, updated_at = now()
+                   base_sha = $5, base_ref = $6, author = $7, updated_at = now(),
+                   head_delivery = $8
+            WHERE pull_requests.head_delivery IS NULL OR pull_requests.head_delivery <= $8
             """,
             pull.repository.full_name, pull.number, pr.head.sha, pull.head_repo, pr.base.sha,
-            pr.base.ref, pr.user.login,
+            pr.base.ref, pr.user.login, row_id,
         )
 
     async def _plan_rerun(self, comment: IssueCommentEvent) -> Plan:
+        """A re-run of the pull request's head. At most one a minute: checked here, and marked
+        only in the transaction that makes its job (:func:`_mark_rerun`), so a re-run whose
+        reading of GitHub failed and is tried again is not refused as its own repeat."""
         repo, number = comment.repository.full_name, comment.issue.number
-        # At most one re-run a minute per pull request: the check and the mark are one statement.
         row = await self.pool.fetchrow(
             """
-            UPDATE pull_requests SET last_rerun_at = now()
-            WHERE repo = $1 AND number = $2
-              AND (last_rerun_at IS NULL OR last_rerun_at < now() - $3::interval)
-            RETURNING head_sha, head_repo, base_sha
+            SELECT head_sha, head_repo, base_sha,
+                   coalesce(last_rerun_at >= now() - $3::interval, false) AS recent
+            FROM pull_requests WHERE repo = $1 AND number = $2
             """,
             repo, number, RERUN_INTERVAL,
         )
-        if row is None:
-            known = await self.pool.fetchval(
-                "SELECT head_sha FROM pull_requests WHERE repo = $1 AND number = $2",
-                repo, number,
-            )
-            if known is None:
-                raise Ignored(f"re-run of {repo}#{number}: its head commit is not known yet")
-            raise Ignored(f"re-run of {repo}#{number}: one was asked for less than a minute ago")
-        if not row["head_sha"] or not row["base_sha"]:
+        if row is None or not row["head_sha"] or not row["base_sha"]:
             raise Ignored(f"re-run of {repo}#{number}: its head commit is not known yet")
+        if row["recent"]:
+            raise Ignored(_too_soon(repo, number))
         log.info("rerun.asked", repo=repo, pr=number, by=comment.comment.user.login)
         return await plan_pull_request(
             self.github, repo=repo, number=number, head_repo=row["head_repo"] or repo,
             head_sha=row["head_sha"], base_sha=row["base_sha"], ref=None,
-            event="rerun", reuse=False,
+            event=RERUN, reuse=False,
         )
 
     async def _failed(
@@ -361,13 +371,15 @@ class DeliveryProcessor:
                           error=str(exc))
             return
         bound.error("delivery.gave_up", attempts=attempts, error=str(exc))
-        await self._finish(row, "error", None, str(exc), error_status=True)
+        # The status says first and briefly what went wrong; the delivery keeps the details.
+        said = exc.reason if isinstance(exc, GitHubError) else str(exc)
+        await self._finish(row, "error", None, str(exc), error_status=True, said=said)
 
     async def _finish(
         self, row: asyncpg.Record, outcome: str, job_id: int | None, reason: str, *,
-        error_status: bool = False,
+        error_status: bool = False, said: str | None = None,
     ) -> None:
-        target = _commit_of(row["event"], row["payload"])
+        target = await self._commit_of(row) if error_status else None
         async with self.pool.acquire() as conn, conn.transaction():
             updated = await conn.fetchval(
                 """
@@ -382,13 +394,52 @@ class DeliveryProcessor:
                 repo, sha = target
                 await queue_status(
                     conn, job_id=None, repo=repo, sha=sha, state="error",
-                    description=f"Could not check this commit: {reason}",
+                    description=f"Could not check this commit: {said or reason}",
                     target_url=delivery_url(self.settings.public_base_url, row["delivery_id"]),
                     context=self.settings.status_context,
                 )
         if queued:
             await send_statuses(self.pool, self.github,
                                 public_base_url=self.settings.public_base_url)
+
+
+    async def _commit_of(self, row: asyncpg.Record) -> tuple[str, str] | None:
+        """The repository and commit a delivery's statuses go to: named in a push or a pull
+        request; for a re-run asked in a comment, the pull request's head we know."""
+        target = _commit_of(row["event"], row["payload"])
+        if target is not None or row["event"] != "issue_comment":
+            return target
+        payload = row["payload"]
+        if isinstance(payload, str):
+            payload = json.loads(payload)
+        with contextlib.suppress(ValidationError):
+            comment = IssueCommentEvent.model_validate(payload)
+            repo = comment.repository.full_name
+            head = await self.pool.fetchval(
+                "SELECT head_sha FROM pull_requests WHERE repo = $1 AND number = $2",
+                repo, comment.issue.number)
+            if isinstance(head, str) and is_sha(head):
+                return repo, head
+        return None
+
+
+async def _mark_rerun(conn: asyncpg.Connection, plan: Plan) -> bool:
+    """Mark the pull request's re-run as made now; False when another was made less than a
+    minute ago (the check and the mark are one statement)."""
+    marked = await conn.fetchval(
+        """
+        UPDATE pull_requests SET last_rerun_at = now()
+        WHERE repo = $1 AND number = $2
+          AND (last_rerun_at IS NULL OR last_rerun_at < now() - $3::interval)
+        RETURNING 1
+        """,
+        plan.repo, plan.pr_number, RERUN_INTERVAL,
+    )
+    return marked is not None
+
+
+def _too_soon(repo: str, number: int | None) -> str:
+    return f"re-run of {repo}#{number}: one was asked for less than a minute ago"
 
 
 def delivery_url(public_base_url: str, delivery_id: str) -> str:

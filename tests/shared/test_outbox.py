@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from services.demo.github import Answer, GitHubStandIn
 from shared.github import GitHub
-from shared.jobs import queue_status
+from shared.jobs import queue_comment, queue_status
 from shared.outbox import send_statuses
 
 REPO = "openaddresses/openaddresses"
@@ -337,3 +337,56 @@ async def test_one_jobs_statuses_are_sent_alone_when_asked(
     # Everything else is still sent by a call for all (the dequeuer's, the retries').
     assert await send_statuses(db_pool, github) == 1
     assert posted(stand_in) == [(SHA_B, "pending"), (SHA_A, "pending")]
+
+
+async def _pr_job(conn: asyncpg.Connection, sha: str, number: int = 7) -> int:
+    """A pull request's job with one finished run, and its comment asked for."""
+    job_id = int(await conn.fetchval(
+        "INSERT INTO jobs (delivery_id, event, repo, sha, ref, pr_number) VALUES"
+        " ($1, 'pull_request', $2, $3, NULL, $4) RETURNING id", f"d-{sha[:8]}", REPO, sha,
+        number))
+    await conn.execute(
+        "INSERT INTO runs (job_id, source_path, layer, entry_name, status, source_problem,"
+        " outputs, state) VALUES ($1, 'sources/us/ks/lane.json', 'addresses', 'county',"
+        " 'failure', 'download_failed', '{}'::jsonb, '{}'::jsonb)", job_id)
+    await queue_comment(conn, job_id=job_id, repo=REPO, sha=sha, pr_number=number)
+    return job_id
+
+
+async def test_a_comment_github_refused_is_sent_again_later_and_created_once(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn
+) -> None:
+    async with db_pool.acquire() as conn:
+        await _pr_job(conn, SHA_A)
+    stand_in.fail_next(1)
+    assert await send_statuses(db_pool, github) == 0
+    assert stand_in.comments == {}
+    row = await db_pool.fetchrow("SELECT * FROM statuses WHERE kind = 'comment'")
+    assert row["posted_at"] is None and "HTTP 500" in row["last_error"]
+    # Not before its time: the retry waits for its back-off.
+    assert await send_statuses(db_pool, github) == 0 and stand_in.comments == {}
+    await make_due(db_pool)
+    assert await send_statuses(db_pool, github) == 1
+    (comment_id, (repo, number, body)), = stand_in.comments.items()
+    assert (repo, number) == (REPO, 7) and "download_failed" in body
+    # The next job's comment edits that one.
+    async with db_pool.acquire() as conn:
+        await _pr_job(conn, SHA_B)
+    assert await send_statuses(db_pool, github) == 1
+    assert stand_in.comment_requests == [("POST", comment_id), ("PATCH", comment_id)]
+
+
+async def test_the_comment_shows_the_newest_job_of_the_current_head(
+    db_pool: asyncpg.Pool, github: GitHub, stand_in: GitHubStandIn
+) -> None:
+    # B is the head; A's job (an older commit, its delivery retried late) is made after B's.
+    async with db_pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO pull_requests (repo, number, head_sha, base_sha) VALUES ($1, 7, $2, $3)",
+            REPO, SHA_B, "c" * 40)
+        head_job = await _pr_job(conn, SHA_B)
+        late_job = await _pr_job(conn, SHA_A)
+    assert late_job > head_job
+    await send_statuses(db_pool, github)
+    (body,) = [found[2] for found in stand_in.comments.values()]
+    assert f"`{SHA_B[:7]}` · [job {head_job}]" in body

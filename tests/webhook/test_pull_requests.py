@@ -4,6 +4,7 @@ PostgreSQL and RabbitMQ, and a GitHub stand-in serving every call the webhook ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
 from services.demo.github import GitHubStandIn
+from services.webhook import deliveries
 from services.webhook.app import create_app
 from services.webhook.keys import BROKER
 from shared.broker import Broker
@@ -349,3 +351,186 @@ async def test_the_answer_does_not_wait_for_github(
         return (await broker.queue_depth(QUEUE_TASKS))[0] == 300
 
     await until(all_queued, "the 300 tasks")
+
+
+@contextlib.asynccontextmanager
+async def webhook_with(settings: Settings, github: GitHubStandIn, broker_ready: bool = True,
+                       **updates: Any) -> AsyncIterator[TestClient[Any, Any]]:
+    """The webhook with settings of its own (``updates`` over the test's)."""
+    app = create_app(settings.model_copy(update={
+        "github_api_url": github.url, "webhook_secrets": [SecretStr(SECRET)],
+        "public_base_url": "http://oa.example.org", **updates,
+    }))
+    test_client = TestClient(TestServer(app, host="127.0.0.1"))
+    await test_client.start_server()
+    if broker_ready:
+        await app[BROKER].wait_ready(timeout_s=30)
+    try:
+        yield test_client
+    finally:
+        await test_client.close()
+
+
+async def test_a_reopened_pull_request_is_checked_again_under_the_configured_context(
+    settings: Settings, db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    head, base = new_sha(), new_sha()
+    # The head drops entry "two" and leaves "one" as it was: nothing to check.
+    serve_pull(github, head, base, {
+        "sources/us/ks/a.json": (source(url, "one", "two"), source(url, "one"))})
+    async with webhook_with(settings, github, status_context="oa/custom") as client:
+        answer = await deliver(client, "pull_request", pr_payload("reopened", head, base))
+        assert answer["http_status"] == 202
+        done = await processed(db_pool, answer["delivery"])
+        job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", done["job_id"])
+        assert (job["event"], job["sha"], job["pr_number"]) == ("pull_request", head, NUMBER)
+        assert await db_pool.fetchval("SELECT count(*) FROM runs") == 0
+
+        async def nothing_to_check() -> bool:
+            return github.states(head) == ["success"]
+
+        await until(nothing_to_check, "the status of the reopened pull request")
+        assert (github.statuses[-1].description, github.statuses[-1].context) == (
+            "Nothing to check", "oa/custom")
+
+        # Entry "one" changes and "two" is removed: one run, for "one".
+        head2 = new_sha()
+        serve_pull(github, head2, base, {"sources/us/ks/a.json": (
+            source(url, "one", "two"), source(url, "one", city="TOWN"))})
+        again = await deliver(client, "pull_request", pr_payload("synchronize", head2, base))
+        done = await processed(db_pool, again["delivery"])
+        runs = await db_pool.fetch("SELECT entry_name FROM runs WHERE job_id = $1",
+                                   done["job_id"])
+        assert [row["entry_name"] for row in runs] == ["one"]
+
+        async def pending() -> bool:
+            return github.states(head2) == ["pending"]
+
+        await until(pending, "the pending status")
+        assert github.statuses[-1].context == "oa/custom"
+
+
+async def test_a_re_run_that_met_a_github_failure_is_made_when_tried_again(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    head, base = new_sha(), new_sha()
+    serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
+    first = await deliver(client, "pull_request", pr_payload("opened", head, base))
+    await processed(db_pool, first["delivery"])
+    # GitHub fails every try of the first attempt (the client's own three).
+    github.fail_next(3)
+    asked = await deliver(client, "issue_comment",
+                          comment_payload("re-run this, please", "contributor", "NONE"))
+    rerun = await processed(db_pool, asked["delivery"], timeout_s=40)
+    assert rerun["outcome"] == "job", rerun["last_error"]
+    assert rerun["attempts"] == 2
+    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", rerun["job_id"])
+    assert (job["event"], job["sha"]) == ("rerun", head)
+
+
+async def test_a_re_run_that_cannot_be_made_gets_an_error_status_on_the_head(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    head, base = new_sha(), new_sha()
+    serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
+    first = await deliver(client, "pull_request", pr_payload("opened", head, base))
+    await processed(db_pool, first["delivery"])
+    del github.pulls[(BASE_REPO, NUMBER)]  # GitHub no longer knows it: 404
+    asked = await deliver(client, "issue_comment",
+                          comment_payload("re-run this, please", "contributor", "NONE"))
+    done = await processed(db_pool, asked["delivery"])
+    assert done["outcome"] == "error"
+
+    async def error_posted() -> bool:
+        return "error" in github.states(head)
+
+    await until(error_posted, "the error status")
+    assert github.statuses[-1].description == (
+        f"Could not check this commit: GitHub answered HTTP 404 to pulls/{NUMBER}/files")
+
+
+async def test_a_delivery_github_keeps_failing_gives_up_with_the_reason_first(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(deliveries, "MAX_ATTEMPTS", 2)
+    head, base = new_sha(), new_sha()
+    serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source("http://x/", "a"))})
+    github.fail_next(6)  # both attempts, three tries each; then the status goes through
+    answer = await deliver(client, "pull_request", pr_payload("opened", head, base))
+    done = await processed(db_pool, answer["delivery"], timeout_s=40)
+    assert done["outcome"] == "error" and done["attempts"] == 2
+    assert done["last_error"].startswith(f"GET {github.url}/repos/{BASE_REPO}/pulls/")
+
+    async def error_posted() -> bool:
+        return github.states(head) == ["error"]
+
+    await until(error_posted, "the error status")
+    description = github.statuses[-1].description
+    assert description == (
+        f"Could not check this commit: GitHub answered HTTP 500 to pulls/{NUMBER}/files")
+    assert await db_pool.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+async def test_a_late_delivery_of_an_older_head_does_not_take_the_pull_request_back(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    base, old_head, new_head = new_sha(), new_sha(), new_sha()
+    serve_pull(github, old_head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
+    github.fail_next(3)  # the older push's first attempt fails: it is tried again in 5 s
+    older = await deliver(client, "pull_request", pr_payload("synchronize", old_head, base))
+
+    async def failed_once() -> bool:
+        return bool(await db_pool.fetchval(
+            "SELECT last_error IS NOT NULL FROM deliveries WHERE delivery_id = $1",
+            older["delivery"]))
+
+    await until(failed_once, "the older delivery's first failure")
+    github.add_file(FORK, "sources/us/ks/a.json", new_head, source(url, "one", city="TOWN"))
+    newer = await deliver(client, "pull_request", pr_payload("synchronize", new_head, base))
+    newer_job = (await processed(db_pool, newer["delivery"]))["job_id"]
+    older_job = (await processed(db_pool, older["delivery"], timeout_s=40))["job_id"]
+    assert older_job > newer_job  # made later, of the older commit
+    assert await db_pool.fetchval("SELECT head_sha FROM pull_requests") == new_head
+
+    async def comments_sent() -> bool:
+        return not await db_pool.fetchval(
+            "SELECT count(*) FROM statuses WHERE kind = 'comment' AND posted_at IS NULL")
+
+    await until(comments_sent, "the comments")
+    (body,) = [found[2] for found in github.comments.values()]
+    assert f"`{new_head[:7]}` · [job {newer_job}]" in body
+
+
+async def test_a_branch_changing_more_files_than_compare_lists_is_read_from_its_trees(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    head, merge_base = new_sha(), new_sha()
+    payload = json.loads((FIXTURES / "github" / "push.with-new-branch.payload.json").read_text())
+    payload.update(ref="refs/heads/big", after=head, before=new_sha())
+    payload["repository"]["full_name"] = BASE_REPO
+    payload["repository"]["default_branch"] = "master"
+    docs = {f"docs/page{index}.md": f"page {index}".encode() for index in range(400)}
+    # GitHub lists 300 of the comparison's files, none of them a source.
+    github.add_comparison(BASE_REPO, "master", head, merge_base, [
+        {"filename": path, "status": "added"} for path in list(docs)[:300]])
+    before = {"sources/us/ks/a.json": source(url, "one"), "sources/us/ks/b.json": source(url, "b"),
+              "sources/us/ks/gone.json": source(url, "g")}
+    after = {**docs, "sources/us/ks/a.json": source(url, "one", city="TOWN"),
+             "sources/us/ks/b.json": source(url, "b"), "sources/us/ks/c.json": source(url, "c")}
+    github.add_commit_tree(BASE_REPO, merge_base, before)
+    github.add_commit_tree(BASE_REPO, head, after)
+    for path in ("sources/us/ks/a.json", "sources/us/ks/c.json"):
+        github.add_file(BASE_REPO, path, head, after[path])
+    github.add_file(BASE_REPO, "sources/us/ks/a.json", merge_base, before["sources/us/ks/a.json"])
+    answer = await deliver(client, "push", json.dumps(payload).encode())
+    done = await processed(db_pool, answer["delivery"])
+    assert done["outcome"] == "job", done["last_error"]
+    runs = await db_pool.fetch("SELECT source_path, entry_name FROM runs ORDER BY source_path")
+    assert [tuple(row) for row in runs] == [("sources/us/ks/a.json", "one"),
+                                             ("sources/us/ks/c.json", "c")]
