@@ -257,13 +257,16 @@ async def test_who_may_ask_for_a_re_run_and_how_often(
     assert await db_pool.fetchval("SELECT count(*) FROM jobs") == 3
 
 
+@pytest.mark.parametrize("new_branch", [True, False])
 async def test_a_branch_push_is_checked_against_the_default_branch_merge_base(
-    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn, new_branch: bool,
 ) -> None:
     url = "http://127.0.0.1:9/a.csv"
     head, merge_base = new_sha(), new_sha()
     payload = json.loads((FIXTURES / "github" / "push.with-new-branch.payload.json").read_text())
-    payload.update(ref="refs/heads/add-kansas", after=head, before=new_sha())
+    # A new branch's push has no commit before it (zeros); a later push has its last head.
+    payload.update(ref="refs/heads/add-kansas", after=head,
+                   before="0" * 40 if new_branch else new_sha())
     payload["repository"]["full_name"] = BASE_REPO
     payload["repository"]["default_branch"] = "master"
     # Only the last commit's files are in the payload; the branch changes two files.
