@@ -272,6 +272,7 @@ async def samples(conn: asyncpg.Connection) -> dict[str, Any]:
         "after_path": "", "rank": 0, "problem": "download_failed", "after_rank": -1,
         "after_id": 0, "run_status": "skipped",
         "inactive_after": timedelta(minutes=10), "offline_after": timedelta(minutes=20),
+        "after_name": "",
     }
 
 

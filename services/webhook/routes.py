@@ -30,6 +30,7 @@ from services.webhook.deliveries import delivery_url, store_delivery
 from services.webhook.events import IssueCommentEvent, PullRequestEvent, PushEvent
 from services.webhook.keys import BODY_BUDGET, POOL, PROCESSOR, SETTINGS
 from services.webhook.signature import SignatureCheck
+from services.webhook.views.params import path_text
 from services.webhook.views.render import error_page
 from services.webhook.views.site import add_site_routes
 from shared import metrics
@@ -195,7 +196,7 @@ def _nothing_to_do(parsed: pydantic.BaseModel) -> str | None:
 
 async def delivery_json(request: web.Request) -> web.Response:
     """What became of a delivery: waiting, a job, ignored, or an error with its reason."""
-    delivery = request.match_info["delivery_id"]
+    delivery = path_text(request.match_info["delivery_id"], "There is no delivery by that id.")
     row = await request.app[POOL].fetchrow(
         """
         SELECT delivery_id, event, received_at, processed_at, attempts, outcome, job_id,

@@ -120,7 +120,7 @@ async def test_every_api_answer_matches_the_document(
                  "/api/sources?limit=2", f"/api/sets/{world.sets['open']}?limit=2",
                  f"/api/sets/{world.sets['open']}?state=success",
                  f"/api/sets/{world.sets['open']}?problem=download_failed",
-                 "/api/sources/us/ks/lane?limit=2"):
+                 "/api/sources/us/ks/lane?limit=2", "/api/workers?limit=1"):
         assert await checker.walk(site, path) >= 1
     for job_id in world.jobs.values():
         await checker.get(site, f"/api/jobs/{job_id}")
@@ -132,12 +132,51 @@ async def test_every_api_answer_matches_the_document(
         await checker.get(site, f"/api/sources/{name}")
     # Errors: 404 for what is not there, 400 for a bad parameter (named).
     for path in ("/api/jobs/987654", "/api/runs/987654", "/api/sets/987654",
-                 "/api/sources/xx/nowhere"):
+                 "/api/sources/xx/nowhere", f"/api/jobs/{2**63}", "/api/sources/us/k%00s"):
         await checker.get(site, path, status=404)
     for path in ("/api/jobs?state=lost", "/api/runs?limit=500", "/api/sets?before=0",
                  f"/api/sets/{world.sets['open']}?after=x", "/api/sources?limit=abc",
-                 "/api/sources/us/ks/lane?before=-1", "/api/runs?job=1&source=us/x"):
+                 "/api/sources/us/ks/lane?before=-1", "/api/runs?job=1&source=us/x",
+                 f"/api/runs?job={2**63}", f"/api/jobs?repo=a&pr={2**31}",
+                 "/api/runs?source=us%00", "/api/workers?limit=0"):
         await checker.get(site, path, status=400)
     # Every path of the document was answered and checked, with a 200 each.
     assert {template for template, status in checker.checked if status == 200} == \
         set(document()["paths"])
+
+
+def _past_its_type(schema: dict[str, Any]) -> str | None:
+    """A number one past what a query parameter's schema allows; None for text."""
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "integer":
+            return str(option["maximum"] + 1)
+    return None
+
+
+async def test_every_parameter_refuses_what_postgresql_cannot_take(
+    site: Client, site_world: World
+) -> None:
+    """Each query parameter of each endpoint, as the document lists them: a NUL character,
+    and for a number one past its maximum (every integer has one), is a 400 naming it; each
+    path id past bigint, each name holding a NUL, is a 404. Every answer as documented."""
+    checker = Checker(document())
+    world = site_world
+    examples = {"job_id": world.jobs["pr"], "run_id": world.runs["set_good"],
+                "set_id": world.sets["open"], "name": "us/ks/lane"}
+    for template, item in document()["paths"].items():
+        parameters = item["get"]["parameters"]
+        in_path = {parameter["name"]: parameter["schema"] for parameter in parameters
+                   if parameter["in"] == "path"}
+        good = template.format(**examples)
+        for name, schema in in_path.items():
+            bad = "us/ks/la%00ne" if schema["type"] == "string" else str(schema["maximum"] + 1)
+            body = await checker.get(site, template.format(**{**examples, name: bad}), 404)
+            assert body["error"].startswith("There is no "), (template, body)
+        for parameter in (parameter for parameter in parameters if parameter["in"] == "query"):
+            name = parameter["name"]
+            past = _past_its_type(parameter["schema"])
+            for value in ("1%00" if past else "us%00", past):
+                if value is None:
+                    continue
+                body = await checker.get(site, f"{good}?{name}={value}", 400)
+                assert body["error"].startswith(f"{name}: "), (template, name, value, body)

@@ -37,6 +37,7 @@ from services.webhook.views.models import (
     SourceRunsQuery,
     SourcesQuery,
     Workers,
+    WorkersQuery,
 )
 from services.webhook.views.params import integer_id, next_link, parse
 from services.webhook.views.sql import NO_CURSOR, RUN_COLUMNS, Filter, pick, variants
@@ -125,7 +126,7 @@ async def _source(request: web.Request) -> SourceDetail:
 
 
 async def _workers(request: web.Request) -> Workers:
-    return await workers.workers(request.app)
+    return await workers.workers(request.app, parse(request, WorkersQuery), "/api/workers")
 
 
 async def _schedule(request: web.Request) -> Schedule:
@@ -146,7 +147,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              SourceList, _sources, SourcesQuery),
     Endpoint("/api/sources/{name:.+}", "source", "A source's entries and its runs, newest "
              "first", SourceDetail, _source, SourceRunsQuery, may_be_missing=True),
-    Endpoint("/api/workers", "workers", "Workers and queue depths", Workers, _workers),
+    Endpoint("/api/workers", "workers", "Workers by name, and queue depths", Workers,
+             _workers, WorkersQuery),
     Endpoint("/api/schedule", "schedule", "The scheduler's entries: cron expression (UTC), "
              "last slot and its outcome, next slot", Schedule, _schedule),
 )

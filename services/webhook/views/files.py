@@ -10,7 +10,7 @@ from aiohttp import web
 
 from services.webhook.keys import POOL, STORAGE
 from services.webhook.views.headers import disposition, file_type
-from services.webhook.views.params import integer_id
+from services.webhook.views.params import integer_id, path_text
 from services.webhook.views.sources import LATEST_FILES, path_of
 from services.webhook.views.sql import query
 from shared.errors import NotFound
@@ -66,6 +66,8 @@ async def latest_run_file(request: web.Request) -> web.Response:
                                     "{entry}.zip (or .csv, .geojson).")
     name = "/".join(unquote(part) for part in parts[:-2])
     layer, entry = unquote(parts[-2]), unquote(parts[-1])
+    for part in (name, layer, entry):
+        path_text(part, "There is no entry by that name.")
     row = await LATEST_GOOD.fetchrow(request.app[POOL], path_of(name), layer, entry)
     wanted = LATEST_FILES[extension]
     if row is None or wanted not in (row["outputs"] or {}):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -298,7 +298,7 @@ class SourceDetail(_Model):
 
 
 class Worker(_Model):
-    name: str
+    name: str = Field(description="Unique; the API lists workers by name")
     hostname: str
     pid: int
     state: str
@@ -334,6 +334,8 @@ class Workers(_Model):
     rules: WorkerRules
     workers: list[Worker]
     queues: list[Queue]
+    next: str | None = Field(description="The next page of workers, or null on the last one "
+                                         "(the counts and queues are of all, on every page)")
 
 
 class Problem(_Model):
@@ -383,37 +385,53 @@ class Schedule(_Model):
 
 # --- Query strings ----------------------------------------------------------------------------
 # Pages and the API read the same parameters; ``params.parse`` validates them (400 otherwise).
+# A number PostgreSQL cannot take for its column (an id past bigint, a pull request number past
+# integer) is refused here, named, rather than failing in the query as a 500: the bounds are
+# the columns' types, declared once below (``params.integer_id`` checks the ids in paths
+# against the same ones; ``params`` also refuses text that PostgreSQL cannot hold).
+
+#: PostgreSQL's bigint (every id, so every id cursor) and integer (``jobs.pr_number``).
+BIGINT_MAX = 2**63 - 1
+INT4_MAX = 2**31 - 1
+#: The most items a list gives in one answer.
+PAGE_MAX = 200
+
+#: A row's id, or a cursor made of one.
+Id = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
+PullNumber = Annotated[int, Field(ge=1, le=INT4_MAX)]
+Limit = Annotated[int, Field(ge=1, le=PAGE_MAX, description="Items per page")]
 
 
 class _Query(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    limit: int = Field(default=50, ge=1, le=200, description="Items per page")
+    limit: Limit = 50
 
 
 class JobsQuery(_Query):
-    before: int | None = Field(default=None, ge=1, description="Jobs older than this id")
+    before: Id | None = Field(default=None, description="Jobs older than this id")
     state: JobState | None = None
     repo: str | None = Field(default=None, max_length=200, description="owner/name")
-    pr: int | None = Field(default=None, ge=1, description="Pull request number (needs repo)")
+    pr: PullNumber | None = Field(default=None, description="Pull request number (needs repo)")
 
 
 class RunsQuery(_Query):
-    before: int | None = Field(default=None, ge=1, description="Runs older than this id")
+    before: Id | None = Field(default=None, description="Runs older than this id")
     status: Literal["success", "failure", "skipped", "open"] | None = Field(
         default=None, description="An outcome, or open (queued or running)")
-    job: int | None = Field(default=None, ge=1)
-    set: int | None = Field(default=None, ge=1)
+    job: Id | None = None
+    set: Id | None = None
     source: str | None = Field(default=None, max_length=500,
                                description="A source's name, e.g. us/ca/alameda")
 
 
 class SetsQuery(_Query):
-    limit: int = Field(default=25, ge=1, le=200, description="Items per page")
-    before: int | None = Field(default=None, ge=1, description="Sets older than this id")
+    limit: Limit = 25
+    before: Id | None = Field(default=None, description="Sets older than this id")
 
 
 class SetRunsQuery(_Query):
+    # The id part may be past bigint (19 digits): sets.set_detail clamps it to the largest id.
     after: str | None = Field(default=None, pattern=r"^[0-4]\.[0-9]{1,19}$",
                               description="Cursor: the `next` link's")
     state: RunState | None = None
@@ -426,4 +444,9 @@ class SourcesQuery(_Query):
 
 
 class SourceRunsQuery(_Query):
-    before: int | None = Field(default=None, ge=1, description="Runs older than this id")
+    before: Id | None = Field(default=None, description="Runs older than this id")
+
+
+class WorkersQuery(_Query):
+    after: str | None = Field(default=None, max_length=500,
+                              description="Workers after this name (the `next` link's)")

@@ -10,12 +10,15 @@ from functools import cache
 from typing import Any
 
 from aiohttp import web
+from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from services.webhook.views.api import ENDPOINTS, Endpoint
-from services.webhook.views.models import Problem
+from services.webhook.views.models import Id, Problem
 
 REF = "#/components/schemas/{model}"
+#: An id in a path: what ``params.integer_id`` accepts (the others are a 404).
+_ID_SCHEMA = TypeAdapter(Id).json_schema()
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::[^{}]*)?\}")
 
 
@@ -29,8 +32,7 @@ def _path_parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
     for match in _PLACEHOLDER.finditer(endpoint.route):
         name = match.group(1)
         numeric = "\\d+" in match.group(0)
-        schema: dict[str, Any] = {"type": "integer", "minimum": 1} if numeric \
-            else {"type": "string"}
+        schema: dict[str, Any] = dict(_ID_SCHEMA) if numeric else {"type": "string"}
         description = "A source's name, e.g. us/ca/alameda (slashes as they are)" \
             if name == "name" else None
         parameter = {"name": name, "in": "path", "required": True, "schema": schema}

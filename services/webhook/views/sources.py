@@ -25,7 +25,7 @@ from services.webhook.views.models import (
     source_name,
     source_url,
 )
-from services.webhook.views.params import next_link, parse
+from services.webhook.views.params import next_link, parse, path_text
 from services.webhook.views.render import page
 from services.webhook.views.sql import NO_CURSOR, RUN_COLUMNS, query
 
@@ -121,7 +121,7 @@ async def source_detail(
     app: web.Application, name: str, given: SourceRunsQuery, path: str
 ) -> SourceDetail:
     pool = app[POOL]
-    source_path = path_of(name)
+    source_path = path_of(path_text(name, "There is no source by that name."))
     entries = [entry_of(row) for row in await SOURCE_ENTRIES.fetch(pool, source_path)]
     rows = await SOURCE_RUNS.fetch(pool, source_path, given.before or NO_CURSOR, given.limit)
     if not rows and not entries and given.before is None:

@@ -17,11 +17,13 @@ from typing import Any
 
 import asyncpg
 
+from services.webhook.views.models import BIGINT_MAX
+
 #: Every query of the site, by name.
 CATALOGUE: dict[str, Query] = {}
 
-#: The cursor of a first page: larger than any id.
-NO_CURSOR = 2**63 - 1
+#: The cursor of a first page (``id < NO_CURSOR``): the largest id a bigint holds.
+NO_CURSOR = BIGINT_MAX
 
 
 @dataclass(frozen=True)
