@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     worker_name: str | None = None
     #: Seconds between two heartbeats of a worker (also while a run is in progress).
     worker_heartbeat_s: float = Field(default=15.0, gt=0)
+    #: While a run is in progress its log (``output.txt``) is stored this often, when it grew,
+    #: so that its page shows how far it got; the run's end stores the whole log anyway.
+    worker_live_log_s: float = Field(default=30.0, gt=0)
     #: On SIGTERM a worker stops taking tasks and lets its runs finish for this long; runs still
     #: going are then stopped and handed back (queued again with their attempt + 1).
     worker_grace_s: float = Field(default=90.0, ge=0)

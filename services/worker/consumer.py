@@ -6,8 +6,9 @@ The life of a task here (see :mod:`shared.broker` for the feed and
 1. The feed delivers a task while a slot is free. Before acknowledging it the worker publishes
    a heartbeat naming the run, its attempt and its deadline: from then on the run's lease (in
    PostgreSQL) protects it. Heartbeats go on every ``WORKER_HEARTBEAT_S`` while it runs.
-2. The run's child process does the work within the run's time and memory limits; its outputs
-   go to storage.
+2. The run's child process does the work within the run's time and memory limits; its log is
+   stored every ``WORKER_LIVE_LOG_S`` while it grows (the run's page shows it), its outputs go
+   to storage at the end.
 3. Its `done` is written to the local outbox first, then published (``outbox.py``): a result is
    never dropped because the broker was away, even if the worker restarts meanwhile.
 
@@ -27,7 +28,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from services.worker.isolation import Limits, RunRequest, run_isolated
+from services.worker.isolation import LOG, Limits, RunRequest, run_isolated
 from services.worker.outbox import Outbox
 from services.worker.sources.hosts import SLOTS_FOLDER
 from services.worker.state import RunState
@@ -59,6 +60,8 @@ DEADLINE_GRACE = timedelta(minutes=15)
 #: How long a stopping worker tries to publish its hand-backs before it exits anyway (they stay
 #: in the outbox, and the runs' leases expire if the outbox is lost with the pod).
 STOP_PUBLISH_S = 15.0
+#: The most of a run's log stored while it runs, from its end (the run's page shows less).
+LIVE_LOG_MAX_BYTES = 4 * 1024 * 1024
 
 
 def default_worker_name() -> str:
@@ -115,7 +118,15 @@ class Worker:
                 user_agent=self.settings.user_agent,
                 previous=task.previous.model_dump() if task.previous else None,
             )
-            state = await run_isolated(request, Limits(timeout_s, self.settings.run_memory_bytes))
+            sharing = asyncio.create_task(self._share_log(task.run_id, outdir / LOG))
+            try:
+                state = await run_isolated(
+                    request, Limits(timeout_s, self.settings.run_memory_bytes))
+            finally:
+                # Stopped before the outputs go up, so the whole log is the one stored last.
+                sharing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sharing
             outputs = await self._upload(task.run_id, outdir)
             if state.reused_from is not None and task.previous is not None:
                 # Unchanged data: the earlier run's files stand; this run adds its own state
@@ -157,6 +168,28 @@ class Worker:
                 log.warning("run.upload_waiting", run_id=run_id, error=repr(exc),
                             retry_in_s=round(delay_s, 1))
                 await asyncio.sleep(delay_s)
+
+    async def _share_log(self, run_id: int, path: Path) -> None:
+        """Store the log of a run in progress every ``WORKER_LIVE_LOG_S`` when it grew (its
+        page reads ``runs/{id}/output.txt`` while the run has no outputs yet). A failed store
+        is only logged: the log is a courtesy until the run ends."""
+        stored = 0
+        while True:
+            await asyncio.sleep(self.settings.worker_live_log_s)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if size == stored:
+                continue
+            try:
+                # A snapshot (the tail, past LIVE_LOG_MAX_BYTES): the child is still writing.
+                data = await asyncio.to_thread(_tail_of, path, LIVE_LOG_MAX_BYTES)
+                await self.storage.put_bytes(f"runs/{run_id}/{LOG}", data,
+                                             content_type="text/plain; charset=utf-8")
+                stored = size
+            except Exception as exc:
+                log.warning("run.live_log_failed", run_id=run_id, error=repr(exc))
 
     async def _upload_once(self, run_id: int, outdir: Path) -> dict[str, str]:
         outputs: dict[str, str] = {}
@@ -287,6 +320,13 @@ class Worker:
         while self.outbox.pending():
             if not await self.outbox.flush():
                 await asyncio.sleep(1.0)
+
+
+def _tail_of(path: Path, limit: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(handle.tell() - limit, 0))
+        return handle.read(limit)
 
 
 def _done_message(
