@@ -1,7 +1,9 @@
 """The GitHub REST calls oa-machine makes, and nothing else.
 
-Reading: a file at a commit (``contents``), a pull request's changed files (``pulls/{n}/files``,
-paginated), a branch's changes against another (``compare``). Writing: commit statuses and
+Reading: a file at a commit (``contents``), a pull request's current head (``pulls/{n}``, for a
+re-run asked in a comment) and changed files (``pulls/{n}/files``, paginated), a branch's
+changes against another (``compare``), a commit's tree and blobs (batch sets, and branches
+that change more files than ``compare`` lists). Writing: commit statuses and
 the one comment per pull request (created, then edited in place).
 
 The base URL is a setting so that tests and the demo can point it at a stand-in server. Which
@@ -140,6 +142,16 @@ class GitHub:
         )
         assert isinstance(raw, bytes)
         return raw
+
+    async def pull_request(self, repo: str, number: int) -> PullRequestHead:
+        """A pull request's current head and base, as GitHub has them now."""
+        url = f"{self._api_url}/repos/{repo}/pulls/{number}"
+        body, _links = await self._request("GET", url)
+        found = PullRequestHead.of(body)
+        if found is None:
+            raise GitHubError(f"GET {url}: not a pull request with a head and a base",
+                              reason=f"GitHub's pulls/{number} has no head or base")
+        return found
 
     async def pull_files(self, repo: str, number: int) -> list[ChangedFile]:
         """Every file a pull request changes, following the ``Link`` header page by page."""
@@ -359,6 +371,36 @@ class TreeFile:
 
     path: str
     sha: str
+
+
+@dataclass(frozen=True)
+class PullRequestHead:
+    """What ``GET pulls/{n}`` tells of a pull request: its head (in a fork's repository, or the
+    base one when the fork is gone), its base, its author and whether it is open."""
+
+    head_sha: str
+    head_repo: str | None
+    base_sha: str
+    base_ref: str
+    author: str | None
+    open: bool
+
+    @classmethod
+    def of(cls, body: Any) -> PullRequestHead | None:
+        if not isinstance(body, dict):
+            return None
+        head, base = body.get("head"), body.get("base")
+        if not isinstance(head, dict) or not isinstance(base, dict):
+            return None
+        head_sha, base_sha = head.get("sha"), base.get("sha")
+        if not (isinstance(head_sha, str) and is_sha(head_sha)
+                and isinstance(base_sha, str) and is_sha(base_sha)):
+            return None
+        head_repo = (head.get("repo") or {}).get("full_name")
+        author = (body.get("user") or {}).get("login")
+        return cls(head_sha, head_repo if isinstance(head_repo, str) else None, base_sha,
+                   str(base.get("ref") or ""), author if isinstance(author, str) else None,
+                   body.get("state") == "open")
 
 
 @dataclass(frozen=True)

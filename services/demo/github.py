@@ -80,6 +80,8 @@ class GitHubStandIn:
     fail_statuses: int = 0
     #: (repo, number) -> the files of the pull request, as GitHub lists them.
     pulls: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
+    #: (repo, number) -> what ``GET pulls/{n}`` answers (``set_pull_head``).
+    pull_heads: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     #: (repo, base, head) -> (merge base SHA, files).
     comparisons: dict[tuple[str, str, str], tuple[str, list[dict[str, Any]]]] = field(
         default_factory=dict)
@@ -118,6 +120,18 @@ class GitHubStandIn:
         self._scripts.append(_Script(sha, state, [
             answer if isinstance(answer, Answer) else Answer(answer) for answer in answers
         ]))
+
+    def set_pull_head(
+        self, repo: str, number: int, *, head_sha: str, head_repo: str | None, base_sha: str,
+        author: str = "contributor", state: str = "open",
+    ) -> None:
+        """What ``GET pulls/{number}`` answers: the pull request's head, base and author."""
+        self.pull_heads[(repo, number)] = {
+            "number": number, "state": state, "user": {"login": author},
+            "head": {"sha": head_sha, "ref": f"pr-{number}",
+                     "repo": {"full_name": head_repo} if head_repo else None},
+            "base": {"sha": base_sha, "ref": "master", "repo": {"full_name": repo}},
+        }
 
     def add_pull(self, repo: str, number: int, files: list[dict[str, Any]]) -> None:
         """Serve ``files`` (``{"filename", "status"[, "previous_filename"]}``) for the pull
@@ -161,6 +175,7 @@ class GitHubStandIn:
         app.router.add_get("/repos/{owner}/{name}/contents/{path:.+}", self._contents)
         app.router.add_post("/repos/{owner}/{name}/statuses/{sha}", self._status)
         app.router.add_get("/repos/{owner}/{name}/pulls/{number:\\d+}/files", self._pull_files)
+        app.router.add_get("/repos/{owner}/{name}/pulls/{number:\\d+}", self._pull)
         app.router.add_get("/repos/{owner}/{name}/compare/{spec}", self._compare)
         app.router.add_get("/repos/{owner}/{name}", self._repository)
         app.router.add_get("/repos/{owner}/{name}/branches/{branch}", self._branch)
@@ -206,6 +221,13 @@ class GitHubStandIn:
             return web.json_response({"message": "Server Error (stand-in)"}, status=500)
         response: web.StreamResponse = await handler(request)
         return response
+
+    async def _pull(self, request: web.Request) -> web.Response:
+        repo = f"{request.match_info['owner']}/{request.match_info['name']}"
+        found = self.pull_heads.get((repo, int(request.match_info["number"])))
+        if found is None:
+            return web.json_response({"message": "Not Found"}, status=404)
+        return web.json_response(found)
 
     async def _pull_files(self, request: web.Request) -> web.Response:
         repo = f"{request.match_info['owner']}/{request.match_info['name']}"

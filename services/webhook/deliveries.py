@@ -301,17 +301,24 @@ class DeliveryProcessor:
                 await self._remember(pull, row_id)
                 return await plan_pull_request_event(pull, self.github)
             if event == "issue_comment":
-                return await self._plan_rerun(IssueCommentEvent.model_validate(payload))
+                return await self._plan_rerun(IssueCommentEvent.model_validate(payload), row_id)
         except ValidationError as exc:
             # Checked at the door already; a stored row of another version may still differ.
             raise Ignored(f"payload not understood: {exc.errors()[0]['msg']}") from exc
         raise Ignored(f"event {event!r} is not handled")
 
     async def _remember(self, pull: PullRequestEvent, row_id: int) -> None:
-        """Keep the pull request's head and author, for re-runs asked in comments and for its
-        comment. Deliveries are stored in the order they arrive; one processed late (retried
-        after GitHub failed) must not put an older head back over a newer one."""
+        """Keep the pull request's head and author, for its comment."""
         pr = pull.pull_request
+        await self._keep_head(pull.repository.full_name, pull.number, pr.head.sha,
+                              pull.head_repo, pr.base.sha, pr.base.ref, pr.user.login, row_id)
+
+    async def _keep_head(
+        self, repo: str, number: int, head_sha: str, head_repo: str | None, base_sha: str,
+        base_ref: str, author: str | None, row_id: int,
+    ) -> None:
+        # Deliveries are stored in the order they arrive; one processed late (retried after
+        # GitHub failed) must not put an older head back over a newer one.
         await self.pool.execute(
             """
             INSERT INTO pull_requests (repo, number, head_sha, head_repo, base_sha, base_ref,
@@ -322,31 +329,37 @@ class DeliveryProcessor:
                    head_delivery = $8
             WHERE pull_requests.head_delivery IS NULL OR pull_requests.head_delivery <= $8
             """,
-            pull.repository.full_name, pull.number, pr.head.sha, pull.head_repo, pr.base.sha,
-            pr.base.ref, pr.user.login, row_id,
+            repo, number, head_sha, head_repo, base_sha, base_ref, author, row_id,
         )
 
-    async def _plan_rerun(self, comment: IssueCommentEvent) -> Plan:
-        """A re-run of the pull request's head. At most one a minute: checked here, and marked
-        only in the transaction that makes its job (:func:`_mark_rerun`), so a re-run whose
-        reading of GitHub failed and is tried again is not refused as its own repeat."""
+    async def _plan_rerun(self, comment: IssueCommentEvent, row_id: int) -> Plan:
+        """A re-run of the pull request's current head, asked of GitHub (``GET pulls/{n}``):
+        the head we last heard of may be older, and a pull request whose own deliveries never
+        reached us (GitHub does not send a failed delivery again) can be checked this way.
+
+        At most one a minute: checked here, and marked only in the transaction that makes its
+        job (:func:`_mark_rerun`), so a re-run whose reading of GitHub failed and is tried
+        again is not refused as its own repeat."""
         repo, number = comment.repository.full_name, comment.issue.number
-        row = await self.pool.fetchrow(
+        recent = await self.pool.fetchval(
             """
-            SELECT head_sha, head_repo, base_sha,
-                   coalesce(last_rerun_at >= now() - $3::interval, false) AS recent
+            SELECT last_rerun_at >= now() - $3::interval
             FROM pull_requests WHERE repo = $1 AND number = $2
             """,
             repo, number, RERUN_INTERVAL,
         )
-        if row is None or not row["head_sha"] or not row["base_sha"]:
-            raise Ignored(f"re-run of {repo}#{number}: its head commit is not known yet")
-        if row["recent"]:
+        if recent:
             raise Ignored(_too_soon(repo, number))
-        log.info("rerun.asked", repo=repo, pr=number, by=comment.comment.user.login)
+        pull = await self.github.pull_request(repo, number)
+        if not pull.open:
+            raise Ignored(f"re-run of {repo}#{number}: the pull request is closed")
+        await self._keep_head(repo, number, pull.head_sha, pull.head_repo, pull.base_sha,
+                              pull.base_ref, pull.author, row_id)
+        log.info("rerun.asked", repo=repo, pr=number, by=comment.comment.user.login,
+                 head=pull.head_sha)
         return await plan_pull_request(
-            self.github, repo=repo, number=number, head_repo=row["head_repo"] or repo,
-            head_sha=row["head_sha"], base_sha=row["base_sha"], ref=None,
+            self.github, repo=repo, number=number, head_repo=pull.head_repo or repo,
+            head_sha=pull.head_sha, base_sha=pull.base_sha, ref=None,
             event=RERUN, reuse=False,
         )
 

@@ -147,6 +147,7 @@ def serve_pull(github: GitHubStandIn, head: str, base: str, files: dict[str, tup
         if after is not None:
             github.add_file(FORK, path, head, after)
     github.add_pull(BASE_REPO, NUMBER, listed)
+    github.set_pull_head(BASE_REPO, NUMBER, head_sha=head, head_repo=FORK, base_sha=base)
 
 
 async def test_a_fork_pull_request_runs_only_the_changed_entry_and_comments_once(
@@ -537,3 +538,41 @@ async def test_a_branch_changing_more_files_than_compare_lists_is_read_from_its_
     runs = await db_pool.fetch("SELECT source_path, entry_name FROM runs ORDER BY source_path")
     assert [tuple(row) for row in runs] == [("sources/us/ks/a.json", "one"),
                                              ("sources/us/ks/c.json", "c")]
+
+
+async def test_a_re_run_checks_the_head_github_has_now_also_of_a_pull_request_never_seen(
+    client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
+) -> None:
+    url = "http://127.0.0.1:9/a.csv"
+    base, head = new_sha(), new_sha()
+    # The pull request's own deliveries never reached us (the webhook was down: GitHub does
+    # not send them again); its author asks for a re-run.
+    serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
+    asked = await deliver(client, "issue_comment",
+                          comment_payload("re-run this, please", "contributor", "NONE"))
+    done = await processed(db_pool, asked["delivery"])
+    assert done["outcome"] == "job", done["last_error"]
+    job = await db_pool.fetchrow("SELECT * FROM jobs WHERE id = $1", done["job_id"])
+    assert (job["event"], job["sha"], job["head_repo"], job["base_sha"]) == (
+        "rerun", head, FORK, base)
+    assert ("GET", f"/repos/{BASE_REPO}/pulls/{NUMBER}") in github.requests
+
+    # A push whose synchronize never came: the re-run takes the head GitHub has now.
+    await db_pool.execute("UPDATE pull_requests SET last_rerun_at = now() - interval '2 min'")
+    newer = new_sha()
+    serve_pull(github, newer, base, {"sources/us/ks/a.json": (None, source(url, "two"))})
+    again = await deliver(client, "issue_comment",
+                          comment_payload("re-run this, please", "maintainer", "MEMBER"))
+    done = await processed(db_pool, again["delivery"])
+    assert await db_pool.fetchval("SELECT sha FROM jobs WHERE id = $1", done["job_id"]) == newer
+    assert await db_pool.fetchval("SELECT head_sha FROM pull_requests") == newer
+
+    # Closed since: nothing to re-run.
+    await db_pool.execute("UPDATE pull_requests SET last_rerun_at = now() - interval '2 min'")
+    github.set_pull_head(BASE_REPO, NUMBER, head_sha=newer, head_repo=FORK, base_sha=base,
+                         state="closed")
+    closed = await deliver(client, "issue_comment",
+                           comment_payload("re-run this, please", "contributor", "NONE"))
+    ignored = await processed(db_pool, closed["delivery"])
+    assert ignored["outcome"] == "ignored" and "closed" in ignored["last_error"]
+    assert await db_pool.fetchval("SELECT count(*) FROM jobs") == 2
