@@ -89,7 +89,8 @@ def _headline(state: str, counts: Mapping[str | None, int]) -> str:
 
 
 def _cell(text: str) -> str:
-    """Text safe inside a table cell: no pipe, no line break, no HTML of its own (names and
-    problems are written by contributors)."""
+    """Text safe inside a table cell (names and problems are written by contributors): no
+    pipe or line break, no HTML, no link brackets and no @mention of its own."""
     escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return escaped.replace("|", "\\|").replace("\n", " ")
+    escaped = escaped.replace("@", "&#64;").replace("[", "\\[").replace("]", "\\]")
+    return escaped.replace("|", "\\|").replace("\r", " ").replace("\n", " ")

@@ -24,6 +24,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, Literal
 from urllib.parse import quote, unquote, urlsplit
 
@@ -71,6 +72,17 @@ def _brief(url: str) -> str:
         if rest:
             return unquote("/".join(rest))
     return unquote(path)
+
+
+def github_time(value: object) -> datetime | None:
+    """A time as GitHub writes it (``2019-05-15T15:20:33Z``); None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        found = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return found if found.tzinfo is not None else None
 
 
 def is_sha(value: str) -> bool:
@@ -384,6 +396,8 @@ class PullRequestHead:
     base_ref: str
     author: str | None
     open: bool
+    #: GitHub's time of the pull request's last change.
+    updated_at: datetime | None = None
 
     @classmethod
     def of(cls, body: Any) -> PullRequestHead | None:
@@ -400,7 +414,7 @@ class PullRequestHead:
         author = (body.get("user") or {}).get("login")
         return cls(head_sha, head_repo if isinstance(head_repo, str) else None, base_sha,
                    str(base.get("ref") or ""), author if isinstance(author, str) else None,
-                   body.get("state") == "open")
+                   body.get("state") == "open", github_time(body.get("updated_at")))
 
 
 @dataclass(frozen=True)

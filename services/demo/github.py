@@ -17,6 +17,7 @@ import base64
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -128,6 +129,7 @@ class GitHubStandIn:
         """What ``GET pulls/{number}`` answers: the pull request's head, base and author."""
         self.pull_heads[(repo, number)] = {
             "number": number, "state": state, "user": {"login": author},
+            "updated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "head": {"sha": head_sha, "ref": f"pr-{number}",
                      "repo": {"full_name": head_repo} if head_repo else None},
             "base": {"sha": base_sha, "ref": "master", "repo": {"full_name": repo}},

@@ -109,11 +109,21 @@ async def _tree_changes(
     github: GitHub, repo: str, base: str, head: str
 ) -> list[tuple[str, str | None]]:
     """The changed sources of a comparison too large for ``compare`` to list, from the two
-    commits' trees: a source whose blob differs at the head, or that is new there."""
+    commits' trees: a source whose blob differs at the head, or that is new there. A new path
+    whose content was a source now gone is a rename, compared with the old path (as
+    ``compare`` reports renames)."""
     before = {item.path: item.sha for item in await github.tree(repo, base)}
     after = await github.tree(repo, head)
-    return sorted((item.path, item.path if item.path in before else None) for item in after
-                  if is_source_path(item.path) and before.get(item.path) != item.sha)
+    at_head = {item.path for item in after}
+    renamed_from = {sha: path for path, sha in before.items()
+                    if is_source_path(path) and path not in at_head}
+    changed: list[tuple[str, str | None]] = []
+    for item in after:
+        if not is_source_path(item.path) or before.get(item.path) == item.sha:
+            continue
+        base_path = item.path if item.path in before else renamed_from.get(item.sha)
+        changed.append((item.path, base_path))
+    return sorted(changed)
 
 
 def _source_files(files: Sequence[ChangedFile]) -> list[tuple[str, str | None]]:

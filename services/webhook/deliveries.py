@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -253,7 +253,7 @@ class DeliveryProcessor:
         if isinstance(payload, str):  # stored by a process without the JSON codec
             payload = json.loads(payload)
         try:
-            plan = await self._plan(row["id"], row["event"], payload)
+            plan = await self._plan(row["event"], payload)
         except Ignored as reason:
             await self._ignore(row, str(reason))
             return
@@ -292,47 +292,51 @@ class DeliveryProcessor:
         await self._finish(row, "ignored", None, reason)
         log.info("delivery.ignored", delivery=row["delivery_id"], reason=reason)
 
-    async def _plan(self, row_id: int, event: str, payload: dict[str, Any]) -> Plan:
+    async def _plan(self, event: str, payload: dict[str, Any]) -> Plan:
         try:
             if event == "push":
                 return await plan_push(PushEvent.model_validate(payload), self.github)
             if event == "pull_request":
                 pull = PullRequestEvent.model_validate(payload)
-                await self._remember(pull, row_id)
+                await self._remember(pull)
                 return await plan_pull_request_event(pull, self.github)
             if event == "issue_comment":
-                return await self._plan_rerun(IssueCommentEvent.model_validate(payload), row_id)
+                return await self._plan_rerun(IssueCommentEvent.model_validate(payload))
         except ValidationError as exc:
             # Checked at the door already; a stored row of another version may still differ.
             raise Ignored(f"payload not understood: {exc.errors()[0]['msg']}") from exc
         raise Ignored(f"event {event!r} is not handled")
 
-    async def _remember(self, pull: PullRequestEvent, row_id: int) -> None:
+    async def _remember(self, pull: PullRequestEvent) -> None:
         """Keep the pull request's head and author, for its comment."""
         pr = pull.pull_request
         await self._keep_head(pull.repository.full_name, pull.number, pr.head.sha,
-                              pull.head_repo, pr.base.sha, pr.base.ref, pr.user.login, row_id)
+                              pull.head_repo, pr.base.sha, pr.base.ref, pr.user.login,
+                              pr.updated)
 
     async def _keep_head(
         self, repo: str, number: int, head_sha: str, head_repo: str | None, base_sha: str,
-        base_ref: str, author: str | None, row_id: int,
+        base_ref: str, author: str | None, at: datetime | None,
     ) -> None:
-        # Deliveries are stored in the order they arrive; one processed late (retried after
-        # GitHub failed) must not put an older head back over a newer one.
+        # Ordered by GitHub's own time of the change (the pull request's updated_at), not by
+        # when a delivery reached us: GitHub does not promise order, a delivery GitHub failed
+        # to hand over may be sent again by hand later, and ours retries after a failure. An
+        # older head must not be put back over a newer one. Without a time (None), it is kept.
         await self.pool.execute(
             """
             INSERT INTO pull_requests (repo, number, head_sha, head_repo, base_sha, base_ref,
-                                       author, updated_at, head_delivery)
+                                       author, updated_at, head_at)
             VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)
             ON CONFLICT (repo, number) DO UPDATE SET head_sha = $3, head_repo = $4,
                    base_sha = $5, base_ref = $6, author = $7, updated_at = now(),
-                   head_delivery = $8
-            WHERE pull_requests.head_delivery IS NULL OR pull_requests.head_delivery <= $8
+                   head_at = coalesce($8, pull_requests.head_at)
+            WHERE $8::timestamptz IS NULL OR pull_requests.head_at IS NULL
+               OR pull_requests.head_at <= $8
             """,
-            repo, number, head_sha, head_repo, base_sha, base_ref, author, row_id,
+            repo, number, head_sha, head_repo, base_sha, base_ref, author, at,
         )
 
-    async def _plan_rerun(self, comment: IssueCommentEvent, row_id: int) -> Plan:
+    async def _plan_rerun(self, comment: IssueCommentEvent) -> Plan:
         """A re-run of the pull request's current head, asked of GitHub (``GET pulls/{n}``):
         the head we last heard of may be older, and a pull request whose own deliveries never
         reached us (GitHub does not send a failed delivery again) can be checked this way.
@@ -354,7 +358,7 @@ class DeliveryProcessor:
         if not pull.open:
             raise Ignored(f"re-run of {repo}#{number}: the pull request is closed")
         await self._keep_head(repo, number, pull.head_sha, pull.head_repo, pull.base_sha,
-                              pull.base_ref, pull.author, row_id)
+                              pull.base_ref, pull.author, pull.updated_at)
         log.info("rerun.asked", repo=repo, pr=number, by=comment.comment.user.login,
                  head=pull.head_sha)
         return await plan_pull_request(

@@ -6,11 +6,12 @@ field on GitHub's side never breaks intake, while a missing field we need gives 
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.github import SHA_PATTERN
+from shared.github import SHA_PATTERN, github_time
 from shared.sources import is_source_path
 
 ZERO_SHA: Final = "0" * 40
@@ -101,6 +102,13 @@ class PullRequest(_Lenient):
     user: User
     head: PullRequestSide
     base: PullRequestSide
+    #: GitHub's time of the pull request's last change (a push moves it).
+    updated_at: str | None = None
+
+    @property
+    def updated(self) -> datetime | None:
+        """``updated_at`` as a time; None when absent or unreadable (then it orders nothing)."""
+        return github_time(self.updated_at)
 
 
 class PullRequestEvent(_Lenient):

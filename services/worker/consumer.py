@@ -62,6 +62,8 @@ DEADLINE_GRACE = timedelta(minutes=15)
 STOP_PUBLISH_S = 15.0
 #: The most of a run's log stored while it runs, from its end (the run's page shows less).
 LIVE_LOG_MAX_BYTES = 4 * 1024 * 1024
+#: How long the end of a run waits for a store of its log under way (storage being slow).
+LIVE_LOG_STOP_S = 30.0
 
 
 def default_worker_name() -> str:
@@ -118,15 +120,19 @@ class Worker:
                 user_agent=self.settings.user_agent,
                 previous=task.previous.model_dump() if task.previous else None,
             )
-            sharing = asyncio.create_task(self._share_log(task.run_id, outdir / LOG))
+            ended = asyncio.Event()
+            sharing = asyncio.create_task(self._share_log(task.run_id, outdir / LOG, ended))
             try:
                 state = await run_isolated(
                     request, Limits(timeout_s, self.settings.run_memory_bytes))
             finally:
-                # Stopped before the outputs go up, so the whole log is the one stored last.
-                sharing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sharing
+                # Stopped, and a store under way let finish, before the outputs go up: the
+                # whole log must be the one stored last. Not cancelled mid-store (a store in a
+                # thread would go on and could land after it).
+                ended.set()
+                finished, _ = await asyncio.wait({sharing}, timeout=LIVE_LOG_STOP_S)
+                if not finished:
+                    sharing.cancel()
             outputs = await self._upload(task.run_id, outdir)
             if state.reused_from is not None and task.previous is not None:
                 # Unchanged data: the earlier run's files stand; this run adds its own state
@@ -169,13 +175,16 @@ class Worker:
                             retry_in_s=round(delay_s, 1))
                 await asyncio.sleep(delay_s)
 
-    async def _share_log(self, run_id: int, path: Path) -> None:
+    async def _share_log(self, run_id: int, path: Path, ended: asyncio.Event) -> None:
         """Store the log of a run in progress every ``WORKER_LIVE_LOG_S`` when it grew (its
-        page reads ``runs/{id}/output.txt`` while the run has no outputs yet). A failed store
-        is only logged: the log is a courtesy until the run ends."""
+        page reads ``runs/{id}/output.txt`` while the run has no outputs yet), until ``ended``.
+        A failed store is only logged: the log is a courtesy until the run ends."""
         stored = 0
         while True:
-            await asyncio.sleep(self.settings.worker_live_log_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), self.settings.worker_live_log_s)
+            if ended.is_set():
+                return
             try:
                 size = path.stat().st_size
             except FileNotFoundError:

@@ -1,5 +1,6 @@
--- 0010: which stored delivery last set a pull request's head (deliveries.id, in the order they
--- arrived). A delivery processed late, after GitHub failed and it was tried again, must not put
--- an older head back over a newer one: re-runs asked in comments check the head kept here, and
--- the pull request's comment shows the newest job of that head.
-ALTER TABLE pull_requests ADD COLUMN head_delivery bigint;
+-- 0010: GitHub's time of the change that set a pull request's stored head (the pull request's
+-- updated_at, from the delivery or from GET pulls/{n}). Deliveries may reach us, or be
+-- processed, out of order (GitHub does not promise order, a failed one may be sent again by
+-- hand, ours are retried after a GitHub failure): an older head must not be put back over a
+-- newer one, since the pull request's comment shows the newest job of the stored head.
+ALTER TABLE pull_requests ADD COLUMN head_at timestamptz;

@@ -62,6 +62,7 @@ def test_the_comment_is_a_table_of_runs_with_their_links() -> None:
              outputs={"preview.png": "k1", "out.csv": "k2"}),
         _run(41, "city|<b>", "failure", source_problem="download_failed"),
         _run(42, "town", None),
+        _run(43, "@maintainers [x](http://evil)\r\nrow", "skipped"),
     ]
     body = render_comment(job, runs, "http://oa.example.org/")
     lines = body.splitlines()
@@ -78,6 +79,9 @@ def test_the_comment_is_a_table_of_runs_with_their_links() -> None:
     assert "| ❌ failure | – | download_failed |" in failed
     assert "| city\\|&lt;b&gt; |" in failed
     assert "| ⏳ running |" in next(line for line in lines if "/runs/42)" in line)
+    # No mention, link or line break of a contributor's own.
+    (odd,) = [line for line in lines if "/runs/43)" in line]
+    assert "| &#64;maintainers \\[x\\](http://evil)  row |" in odd
 
 
 def test_a_job_with_nothing_to_check_says_so() -> None:

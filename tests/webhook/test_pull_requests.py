@@ -50,7 +50,7 @@ def source_two(url: str, city_b: str) -> bytes:
 
 
 def pr_payload(action: str, head_sha: str, base_sha: str, *, fork: bool = True,
-               author: str = "contributor") -> bytes:
+               author: str = "contributor", updated_at: str | None = None) -> bytes:
     # GitHub's own payload of that action where we have one (opened, synchronize, reopened,
     # closed), else the opened one with the action replaced.
     variant = action if action in ("opened", "synchronize", "reopened", "closed") else "opened"
@@ -63,6 +63,8 @@ def pr_payload(action: str, head_sha: str, base_sha: str, *, fork: bool = True,
     pr["number"] = NUMBER
     pr["user"]["login"] = author
     pr["head"]["sha"], pr["base"]["sha"] = head_sha, base_sha
+    if updated_at is not None:
+        pr["updated_at"] = updated_at
     pr["head"]["repo"]["full_name"] = FORK if fork else BASE_REPO
     pr["base"]["repo"]["full_name"] = BASE_REPO
     payload["repository"]["full_name"] = BASE_REPO
@@ -423,7 +425,12 @@ async def test_a_re_run_that_met_a_github_failure_is_made_when_tried_again(
     serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
     first = await deliver(client, "pull_request", pr_payload("opened", head, base))
     await processed(db_pool, first["delivery"])
-    # GitHub fails every try of the first attempt (the client's own three).
+
+    async def outbox_sent() -> bool:
+        return not await db_pool.fetchval("SELECT count(*) FROM statuses WHERE posted_at IS NULL")
+
+    await until(outbox_sent, "the first job's status and comment")
+    # GitHub fails every try of the re-run's first attempt (the client's own three).
     github.fail_next(3)
     asked = await deliver(client, "issue_comment",
                           comment_payload("re-run this, please", "contributor", "NONE"))
@@ -485,19 +492,15 @@ async def test_a_late_delivery_of_an_older_head_does_not_take_the_pull_request_b
     url = "http://127.0.0.1:9/a.csv"
     base, old_head, new_head = new_sha(), new_sha(), new_sha()
     serve_pull(github, old_head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
-    github.fail_next(3)  # the older push's first attempt fails: it is tried again in 5 s
-    older = await deliver(client, "pull_request", pr_payload("synchronize", old_head, base))
-
-    async def failed_once() -> bool:
-        return bool(await db_pool.fetchval(
-            "SELECT last_error IS NOT NULL FROM deliveries WHERE delivery_id = $1",
-            older["delivery"]))
-
-    await until(failed_once, "the older delivery's first failure")
     github.add_file(FORK, "sources/us/ks/a.json", new_head, source(url, "one", city="TOWN"))
-    newer = await deliver(client, "pull_request", pr_payload("synchronize", new_head, base))
+    # The newer push's delivery comes first; the older one's after it (sent again by hand
+    # after it had failed, or simply out of order: GitHub does not promise order).
+    newer = await deliver(client, "pull_request", pr_payload(
+        "synchronize", new_head, base, updated_at="2026-12-04T10:00:05Z"))
     newer_job = (await processed(db_pool, newer["delivery"]))["job_id"]
-    older_job = (await processed(db_pool, older["delivery"], timeout_s=40))["job_id"]
+    older = await deliver(client, "pull_request", pr_payload(
+        "synchronize", old_head, base, updated_at="2026-12-04T10:00:01Z"))
+    older_job = (await processed(db_pool, older["delivery"]))["job_id"]
     assert older_job > newer_job  # made later, of the older commit
     assert await db_pool.fetchval("SELECT head_sha FROM pull_requests") == new_head
 
@@ -508,6 +511,12 @@ async def test_a_late_delivery_of_an_older_head_does_not_take_the_pull_request_b
     await until(comments_sent, "the comments")
     (body,) = [found[2] for found in github.comments.values()]
     assert f"`{new_head[:7]}` · [job {newer_job}]" in body
+
+    # A later push moves the head on.
+    later = await deliver(client, "pull_request", pr_payload(
+        "synchronize", old_head, base, updated_at="2026-12-04T10:01:00Z"))
+    await processed(db_pool, later["delivery"])
+    assert await db_pool.fetchval("SELECT head_sha FROM pull_requests") == old_head
 
 
 async def test_a_branch_changing_more_files_than_compare_lists_is_read_from_its_trees(
@@ -523,10 +532,18 @@ async def test_a_branch_changing_more_files_than_compare_lists_is_read_from_its_
     # GitHub lists 300 of the comparison's files, none of them a source.
     github.add_comparison(BASE_REPO, "master", head, merge_base, [
         {"filename": path, "status": "added"} for path in list(docs)[:300]])
+    # a.json changes, b.json does not, gone.json goes, c.json is new and old.json is renamed
+    # (its content unchanged: nothing to check in it).
     before = {"sources/us/ks/a.json": source(url, "one"), "sources/us/ks/b.json": source(url, "b"),
-              "sources/us/ks/gone.json": source(url, "g")}
+              "sources/us/ks/gone.json": source(url, "g"),
+              "sources/us/ks/old.json": source(url, "o")}
     after = {**docs, "sources/us/ks/a.json": source(url, "one", city="TOWN"),
-             "sources/us/ks/b.json": source(url, "b"), "sources/us/ks/c.json": source(url, "c")}
+             "sources/us/ks/b.json": source(url, "b"), "sources/us/ks/c.json": source(url, "c"),
+             "sources/us/ks/renamed.json": source(url, "o")}
+    github.add_file(BASE_REPO, "sources/us/ks/renamed.json", head,
+                    after["sources/us/ks/renamed.json"])
+    github.add_file(BASE_REPO, "sources/us/ks/old.json", merge_base,
+                    before["sources/us/ks/old.json"])
     github.add_commit_tree(BASE_REPO, merge_base, before)
     github.add_commit_tree(BASE_REPO, head, after)
     for path in ("sources/us/ks/a.json", "sources/us/ks/c.json"):
@@ -538,6 +555,8 @@ async def test_a_branch_changing_more_files_than_compare_lists_is_read_from_its_
     runs = await db_pool.fetch("SELECT source_path, entry_name FROM runs ORDER BY source_path")
     assert [tuple(row) for row in runs] == [("sources/us/ks/a.json", "one"),
                                              ("sources/us/ks/c.json", "c")]
+    reads = {path for method, path in github.requests if "/contents/" in path}
+    assert f"/repos/{BASE_REPO}/contents/sources/us/ks/old.json" in reads
 
 
 async def test_a_re_run_checks_the_head_github_has_now_also_of_a_pull_request_never_seen(

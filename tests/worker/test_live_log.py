@@ -21,8 +21,8 @@ async def test_the_log_of_a_run_in_progress_is_stored_and_the_whole_log_at_its_e
     settings = settings.model_copy(update={"worker_live_log_s": 0.2})
     key = "runs/31/output.txt"
     async with open_storage(settings) as storage, DataServer() as data:
-        # The provider takes 4 s to answer: the run is in progress meanwhile.
-        url = data.add("/slow.csv", CSV, delay_s=4.0)
+        # The provider takes 6 s to answer: the run is in progress meanwhile.
+        url = data.add("/slow.csv", CSV, delay_s=6.0)
         source = {"schema": 2, "coverage": {"country": "zz"}, "layers": {"addresses": [{
             "name": "city", "data": url, "protocol": "http",
             "conform": {"format": "csv", "lon": "lon", "lat": "lat", "number": "number",
@@ -32,6 +32,10 @@ async def test_the_log_of_a_run_in_progress_is_stored_and_the_whole_log_at_its_e
             run_id=31, source_path="sources/zz/slow.json", layer="addresses",
             entry_name="city", source=source)))
         live = b""
+        for _ in range(1500):  # the run starts and asks for its data (a busy machine: slowly)
+            await asyncio.sleep(0.02)
+            if data.count("/slow.csv") == 1:
+                break
         for _ in range(150):
             await asyncio.sleep(0.02)
             try:
