@@ -8,6 +8,7 @@ processes start at once, the second waits for the first and then finds nothing l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -171,6 +172,21 @@ class PoolConnection(asyncpg.Connection):
 
     def get_reset_query(self) -> str:
         return ""
+
+
+#: How long closing a pool waits for its connections to be given back before closing them.
+POOL_CLOSE_S = 10.0
+
+
+async def close_pool(pool: asyncpg.Pool, timeout_s: float = POOL_CLOSE_S) -> None:
+    """Close ``pool`` on a service's way out: its connections are given back and closed, but
+    a connection still held after ``timeout_s`` (a task that did not stop) is closed anyway,
+    so that stopping never hangs on it."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        log.warning("db.pool_terminated", waited_s=timeout_s)
+        pool.terminate()
 
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10,

@@ -29,7 +29,7 @@ from services.dequeuer.settle import (
 from services.dequeuer.watch import count_runs, refresh_gauges, update_worker_states
 from shared.broker import Broker
 from shared.config import Settings
-from shared.db import create_pool
+from shared.db import close_pool, create_pool
 from shared.dispatch import BATCH, dispatch
 from shared.errors import MessageError
 from shared.github import GitHub
@@ -235,4 +235,4 @@ async def serve(settings: Settings) -> None:
     finally:
         await github.close()
         await broker.close()
-        await pool.close()
+        await close_pool(pool)

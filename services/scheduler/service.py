@@ -26,7 +26,7 @@ from services.scheduler.collect import collect
 from services.scheduler.coverage import draw_if_due
 from services.scheduler.leader import acquire_leadership, holds_leadership
 from shared.config import Settings
-from shared.db import create_pool, migrate
+from shared.db import close_pool, create_pool, migrate
 from shared.github import GitHub
 from shared.logging import get_logger
 from shared.outage import Backoff, is_outage
@@ -231,4 +231,4 @@ async def serve(settings: Settings, *, burst: bool = False, poll_s: float | None
                 await scheduler.run()
     finally:
         await github.close()
-        await pool.close()
+        await close_pool(pool)

@@ -27,7 +27,7 @@ from services.webhook.views.cache import SiteCache
 from services.webhook.views.render import environment
 from shared.broker import Broker
 from shared.config import Settings
-from shared.db import create_pool, warm_pool
+from shared.db import close_pool, create_pool, warm_pool
 from shared.github import GitHub
 from shared.probes import add_probe_routes, broker_check, database_check
 from shared.storage import open_storage
@@ -72,7 +72,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     warming.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await warming
-    await pool.close()
+    await close_pool(pool)
 
 
 async def _broker(app: web.Application) -> AsyncIterator[None]:

@@ -56,6 +56,8 @@ CONCURRENCY = 8
 WAKE_DELAY_S = 0.02
 #: ... but never later than this after the first delivery of a burst.
 WAKE_MAX_DELAY_S = 0.25
+#: How long stopping waits for the deliveries and publishes under way to end.
+STOP_S = 10.0
 #: Re-runs asked for in comments: at most one per pull request in this time.
 RERUN_INTERVAL = timedelta(minutes=1)
 #: The event of a job made for a re-run asked in a comment.
@@ -169,9 +171,15 @@ class DeliveryProcessor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), next_due_s)
         finally:
-            for pending in (*working, *self._queueing):
+            stopping = {*working, *self._queueing}
+            for pending in stopping:
                 pending.cancel()
-            await asyncio.gather(*working, *self._queueing, return_exceptions=True)
+            if stopping:
+                # Bounded: a task that does not stop must not keep the service from stopping
+                # (its delivery's claim lapses and another process takes it over).
+                _done, stuck = await asyncio.wait(stopping, timeout=STOP_S)
+                if stuck:
+                    log.warning("deliveries.stop_incomplete", tasks=len(stuck))
 
     async def run_due(self) -> int:
         """Process every delivery due now, then return how many (tests, burst mode)."""

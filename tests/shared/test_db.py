@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from shared.db import (
+    close_pool,
     create_pool,
     database_name,
     ensure_database,
@@ -175,3 +177,23 @@ async def test_warm_pool_waits_for_postgresql_to_answer() -> None:
             await warming
     finally:
         await pool.close()
+
+
+async def test_closing_a_pool_does_not_wait_forever_for_a_connection_still_held(
+    database_url: str,
+) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    held = await pool.acquire()  # a task that never gives it back
+    with capture_logs() as forced:
+        await asyncio.wait_for(close_pool(pool, timeout_s=0.5), 10)
+    assert [e["waited_s"] for e in forced if e["event"] == "db.pool_terminated"] == [0.5]
+    assert pool.is_closing()
+    with pytest.raises(asyncpg.InterfaceError):  # closed under the task that held it
+        await held.fetchval("SELECT 1")
+    # Given back in time, nothing is forced.
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT 1") == 1
+    with capture_logs() as logs:
+        await close_pool(pool, timeout_s=5)
+    assert pool.is_closing() and not [e for e in logs if e["event"] == "db.pool_terminated"]
