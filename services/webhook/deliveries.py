@@ -179,7 +179,8 @@ class DeliveryProcessor:
                 # (its delivery's claim lapses and another process takes it over).
                 _done, stuck = await asyncio.wait(stopping, timeout=STOP_S)
                 if stuck:
-                    log.warning("deliveries.stop_incomplete", tasks=len(stuck))
+                    log.warning("deliveries.stop_incomplete", tasks=len(stuck),
+                                stuck=sorted(repr(task.get_coro()) for task in stuck))
 
     async def run_due(self) -> int:
         """Process every delivery due now, then return how many (tests, burst mode)."""
