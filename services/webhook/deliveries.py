@@ -258,9 +258,7 @@ class DeliveryProcessor:
 
     async def process(self, row: asyncpg.Record) -> None:
         """Make one stored delivery into a job (or an ignored outcome)."""
-        payload = row["payload"]
-        if isinstance(payload, str):  # stored by a process without the JSON codec
-            payload = json.loads(payload)
+        payload = _payload_of(row)
         try:
             plan = await self._plan(row["event"], payload)
         except Ignored as reason:
@@ -405,7 +403,7 @@ class DeliveryProcessor:
         self, row: asyncpg.Record, outcome: str, job_id: int | None, reason: str, *,
         error_status: bool = False, said: str | None = None,
     ) -> None:
-        target = await self._commit_of(row) if error_status else None
+        target = await self._status_target(row) if error_status else None
         async with self.pool.acquire() as conn, conn.transaction():
             updated = await conn.fetchval(
                 """
@@ -429,15 +427,13 @@ class DeliveryProcessor:
                                 public_base_url=self.settings.public_base_url)
 
 
-    async def _commit_of(self, row: asyncpg.Record) -> tuple[str, str] | None:
+    async def _status_target(self, row: asyncpg.Record) -> tuple[str, str] | None:
         """The repository and commit a delivery's statuses go to: named in a push or a pull
         request; for a re-run asked in a comment, the pull request's head we know."""
-        target = _commit_of(row["event"], row["payload"])
+        payload = _payload_of(row)
+        target = _commit_of(row["event"], payload)
         if target is not None or row["event"] != "issue_comment":
             return target
-        payload = row["payload"]
-        if isinstance(payload, str):
-            payload = json.loads(payload)
         with contextlib.suppress(ValidationError):
             comment = IssueCommentEvent.model_validate(payload)
             repo = comment.repository.full_name
@@ -473,10 +469,14 @@ def delivery_url(public_base_url: str, delivery_id: str) -> str:
     return f"{public_base_url.rstrip('/')}/api/deliveries/{delivery_id}"
 
 
+def _payload_of(row: asyncpg.Record) -> Any:
+    """A stored delivery's payload; text when stored by a process without the JSON codec."""
+    payload = row["payload"]
+    return json.loads(payload) if isinstance(payload, str) else payload
+
+
 def _commit_of(event: str, payload: Any) -> tuple[str, str] | None:
-    """The repository and commit a delivery's statuses go to, when it names one."""
-    if isinstance(payload, str):
-        payload = json.loads(payload)
+    """The repository and commit a delivery names, if any."""
     if not isinstance(payload, dict):
         return None
     repo = (payload.get("repository") or {}).get("full_name")

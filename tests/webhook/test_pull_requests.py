@@ -92,13 +92,13 @@ async def github() -> AsyncIterator[GitHubStandIn]:
     await stand_in.stop()
 
 
-@pytest.fixture
-async def client(
-    settings: Settings, github: GitHubStandIn, db_pool: asyncpg.Pool, broker: Broker
-) -> AsyncIterator[TestClient[Any, Any]]:
+@contextlib.asynccontextmanager
+async def webhook_with(settings: Settings, github: GitHubStandIn,
+                       **updates: Any) -> AsyncIterator[TestClient[Any, Any]]:
+    """The webhook on the GitHub stand-in (``updates`` over the test's settings)."""
     app = create_app(settings.model_copy(update={
         "github_api_url": github.url, "webhook_secrets": [SecretStr(SECRET)],
-        "public_base_url": "http://oa.example.org",
+        "public_base_url": "http://oa.example.org", **updates,
     }))
     test_client = TestClient(TestServer(app, host="127.0.0.1"))
     await test_client.start_server()
@@ -107,6 +107,14 @@ async def client(
         yield test_client
     finally:
         await test_client.close()
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, github: GitHubStandIn, db_pool: asyncpg.Pool, broker: Broker
+) -> AsyncIterator[TestClient[Any, Any]]:
+    async with webhook_with(settings, github) as test_client:
+        yield test_client
 
 
 async def deliver(client: TestClient[Any, Any], event: str, body: bytes) -> dict[str, Any]:
@@ -134,6 +142,25 @@ async def until(condition: Any, what: str, timeout_s: float = 30) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def open_pull(client: TestClient[Any, Any], pool: asyncpg.Pool,
+                    github: GitHubStandIn) -> str:
+    """A pull request adding one source, opened and made into its job; returns its head."""
+    head, base = new_sha(), new_sha()
+    serve_pull(github, head, base,
+               {"sources/us/ks/a.json": (None, source("http://127.0.0.1:9/a.csv", "one"))})
+    opened = await deliver(client, "pull_request", pr_payload("opened", head, base))
+    await processed(pool, opened["delivery"])
+    return head
+
+
+async def until_outbox_sent(pool: asyncpg.Pool) -> None:
+    """Every status and comment queued so far has been sent."""
+    async def sent() -> bool:
+        return not await pool.fetchval("SELECT count(*) FROM statuses WHERE posted_at IS NULL")
+
+    await until(sent, "the statuses and comments")
 
 
 def serve_pull(github: GitHubStandIn, head: str, base: str, files: dict[str, tuple[bytes | None,
@@ -218,11 +245,7 @@ async def test_closed_and_labeled_pull_requests_create_nothing(
 async def test_who_may_ask_for_a_re_run_and_how_often(
     client: TestClient[Any, Any], db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
 ) -> None:
-    url = "http://127.0.0.1:9/a.csv"
-    head, base = new_sha(), new_sha()
-    serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
-    first = await deliver(client, "pull_request", pr_payload("opened", head, base))
-    await processed(db_pool, first["delivery"])
+    head = await open_pull(client, db_pool, github)
 
     stranger = await deliver(client, "issue_comment",
                              comment_payload("Re-run this, please!", "passer-by", "NONE"))
@@ -359,24 +382,6 @@ async def test_the_answer_does_not_wait_for_github(
     await until(all_queued, "the 300 tasks")
 
 
-@contextlib.asynccontextmanager
-async def webhook_with(settings: Settings, github: GitHubStandIn, broker_ready: bool = True,
-                       **updates: Any) -> AsyncIterator[TestClient[Any, Any]]:
-    """The webhook with settings of its own (``updates`` over the test's)."""
-    app = create_app(settings.model_copy(update={
-        "github_api_url": github.url, "webhook_secrets": [SecretStr(SECRET)],
-        "public_base_url": "http://oa.example.org", **updates,
-    }))
-    test_client = TestClient(TestServer(app, host="127.0.0.1"))
-    await test_client.start_server()
-    if broker_ready:
-        await app[BROKER].wait_ready(timeout_s=30)
-    try:
-        yield test_client
-    finally:
-        await test_client.close()
-
-
 async def test_a_reopened_pull_request_is_checked_again_under_the_configured_context(
     settings: Settings, db_pool: asyncpg.Pool, broker: Broker, github: GitHubStandIn,
 ) -> None:
@@ -420,16 +425,8 @@ async def test_a_reopened_pull_request_is_checked_again_under_the_configured_con
 async def test_a_re_run_that_met_a_github_failure_is_made_when_tried_again(
     client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
 ) -> None:
-    url = "http://127.0.0.1:9/a.csv"
-    head, base = new_sha(), new_sha()
-    serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
-    first = await deliver(client, "pull_request", pr_payload("opened", head, base))
-    await processed(db_pool, first["delivery"])
-
-    async def outbox_sent() -> bool:
-        return not await db_pool.fetchval("SELECT count(*) FROM statuses WHERE posted_at IS NULL")
-
-    await until(outbox_sent, "the first job's status and comment")
+    head = await open_pull(client, db_pool, github)
+    await until_outbox_sent(db_pool)  # the first job's status and comment
     # GitHub fails every try of the re-run's first attempt (the client's own three).
     github.fail_next(3)
     asked = await deliver(client, "issue_comment",
@@ -444,11 +441,7 @@ async def test_a_re_run_that_met_a_github_failure_is_made_when_tried_again(
 async def test_a_re_run_that_cannot_be_made_gets_an_error_status_on_the_head(
     client: TestClient[Any, Any], db_pool: asyncpg.Pool, github: GitHubStandIn,
 ) -> None:
-    url = "http://127.0.0.1:9/a.csv"
-    head, base = new_sha(), new_sha()
-    serve_pull(github, head, base, {"sources/us/ks/a.json": (None, source(url, "one"))})
-    first = await deliver(client, "pull_request", pr_payload("opened", head, base))
-    await processed(db_pool, first["delivery"])
+    head = await open_pull(client, db_pool, github)
     del github.pulls[(BASE_REPO, NUMBER)]  # GitHub no longer knows it: 404
     asked = await deliver(client, "issue_comment",
                           comment_payload("re-run this, please", "contributor", "NONE"))
@@ -504,11 +497,7 @@ async def test_a_late_delivery_of_an_older_head_does_not_take_the_pull_request_b
     assert older_job > newer_job  # made later, of the older commit
     assert await db_pool.fetchval("SELECT head_sha FROM pull_requests") == new_head
 
-    async def comments_sent() -> bool:
-        return not await db_pool.fetchval(
-            "SELECT count(*) FROM statuses WHERE kind = 'comment' AND posted_at IS NULL")
-
-    await until(comments_sent, "the comments")
+    await until_outbox_sent(db_pool)
     (body,) = [found[2] for found in github.comments.values()]
     assert f"`{new_head[:7]}` · [job {newer_job}]" in body
 
